@@ -1,0 +1,94 @@
+"""The sqlite-utils database: the only module that opens it.
+
+WAL journal, a busy timeout, one connection per thread; migrations are a list of small named
+functions applied in order (sqlite_utils.Migrations).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+migrations = Migrations("mlx_manager")
+
+
+@migrations()
+def create_profiles(db: sqlite_utils.Database) -> None:
+    db["profiles"].create(
+        {
+            "name": str,
+            "model": str,
+            "aliases": str,  # JSON list
+            "temperature": float,
+            "top_p": float,
+            "max_tokens": int,
+            "context_length": int,
+            "system_prompt": str,
+            "ttl": int,
+            "pinned": int,
+            "description": str,
+            "created": str,
+            "updated": str,
+        },
+        pk="name",
+    )
+
+
+class Store:
+    """Typed access to the database. Safe to share across threads: each thread gets its own
+    connection (sqlite connections must not cross threads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        migrations.apply(self.db)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(str(self.path), timeout=10)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            db = sqlite_utils.Database(conn)
+            db.enable_wal()
+            self._local.db = db
+        return db
+
+    # Profiles -------------------------------------------------------------------------------
+
+    def profiles(self) -> list[dict[str, Any]]:
+        return [_profile_row(r) for r in self.db["profiles"].rows_where(order_by="name")]
+
+    def profile(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db["profiles"].rows_where("name = ?", [name]))
+        return _profile_row(rows[0]) if rows else None
+
+    def save_profile(self, profile: dict[str, Any]) -> None:
+        now = datetime.now(UTC).isoformat()
+        row = dict(profile)
+        row["aliases"] = json.dumps(row.get("aliases") or [])
+        row["pinned"] = int(bool(row.get("pinned")))
+        row.setdefault("created", now)
+        row["updated"] = now
+        with self.db.conn:
+            self.db["profiles"].upsert(row, pk="name")
+
+    def delete_profile(self, name: str) -> bool:
+        with self.db.conn:
+            cur = self.db.execute("DELETE FROM profiles WHERE name = ?", [name])
+        return cur.rowcount > 0
+
+
+def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["aliases"] = json.loads(row.get("aliases") or "[]")
+    row["pinned"] = bool(row.get("pinned"))
+    return row

@@ -1,0 +1,58 @@
+"""Errors the service layer raises. Each carries what an OpenAI error body needs; the HTTP
+adapter turns them into JSON with the right status, the MCP adapter into tool errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ServiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(ServiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelUnavailable(ServiceError):
+    """The model's worker failed to load or died: this request fails, the next one retries."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"

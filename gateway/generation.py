@@ -1,0 +1,74 @@
+"""What the gateway asks a worker to generate, and the events a worker sends back.
+
+A request travels to the worker as a plain dict (`GenerationRequest.payload()`); events travel
+back as small tuples, all events of one decode step in one pipe message:
+
+    ("s", rid, prompt_tokens)                         started (prompt accepted)
+    ("d", rid, text, logprob)                         one token; logprob is None unless asked:
+                                                      (token, logprob, [(token, logprob), ...])
+    ("f", rid, finish_reason, completion_tokens)      finished ("stop" or "length")
+    ("e", rid, kind, message)                         failed; kind names a gateway.errors class
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+OPENAI_DEFAULT_TOP_P = 1.0
+
+
+@dataclass
+class GenerationRequest:
+    kind: Literal["chat", "completion"]
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    context_length: int | None = None  # a profile may cap the model's own
+
+    def with_defaults(
+        self, profile: dict[str, Any] | None, default_max_tokens: int | None
+    ) -> GenerationRequest:
+        """Fill what the request left unset: the profile's value, else OpenAI's default."""
+        p = profile or {}
+
+        def pick(value: Any, key: str, default: Any) -> Any:
+            if value is not None:
+                return value
+            return p[key] if p.get(key) is not None else default
+
+        messages = self.messages
+        if self.kind == "chat" and p.get("system_prompt") and messages is not None:
+            if not any(m.get("role") in ("system", "developer") for m in messages):
+                messages = [{"role": "system", "content": p["system_prompt"]}, *messages]
+        return replace(
+            self,
+            messages=messages,
+            temperature=pick(self.temperature, "temperature", OPENAI_DEFAULT_TEMPERATURE),
+            top_p=pick(self.top_p, "top_p", OPENAI_DEFAULT_TOP_P),
+            max_tokens=pick(self.max_tokens, "max_tokens", default_max_tokens),
+            context_length=pick(self.context_length, "context_length", None),
+        )
+
+    def payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Choice:
+    """One finished choice of a non-streamed generation."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[tuple[str, float, list[tuple[str, float]]]] = field(default_factory=list)

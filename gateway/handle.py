@@ -1,0 +1,201 @@
+"""The gateway's end of one worker process: spawn it, wait for the model to load, pass requests
+down the pipe and route the events that come back to each request's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from gateway import worker
+from gateway.errors import ModelUnavailable
+from gateway.hub import LocalModel
+
+log = logging.getLogger("mlx_manager.worker")
+_rids = itertools.count()
+Sink = Callable[[tuple[Any, ...]], None]
+
+
+class WorkerHandle:
+    def __init__(self, model: LocalModel, options: dict[str, Any]) -> None:
+        self.model = model
+        self.options = options
+        self.state = "loading"  # loading -> ready -> stopped | failed
+        self.info: dict[str, Any] = {}
+        self.started_at = time.time()
+        self.last_used = time.time()
+        self.requests_served = 0
+        self.worker_active = 0  # sequences the worker itself reports running
+        self.generated_tokens = 0
+        self.error: str | None = None
+        self._sinks: dict[str, Sink] = {}
+        self._ready: asyncio.Future[None] | None = None
+        self._conn: Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._sinks)
+
+    async def start(self, timeout: float) -> None:
+        """Spawn the worker and wait until its model is loaded (ModelUnavailable if it fails)."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=worker.main,
+            args=(child, str(self.model.path), self.options),
+            name=f"mlx-worker:{self.model.id}",
+            daemon=True,
+        )
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._conn = parent
+        self._proc.start()
+        child.close()  # so the pipe reports EOF when the worker exits
+        self._loop.add_reader(parent.fileno(), self._on_readable)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except TimeoutError:
+            self._fail(f"loading took longer than {timeout:.0f}s")
+            raise ModelUnavailable(
+                f"Model '{self.model.id}' did not finish loading within {timeout:.0f}s."
+            ) from None
+
+    def submit(self, req: dict[str, Any], sink: Sink) -> str:
+        if self.state != "ready" or self._conn is None:
+            raise ModelUnavailable(f"Model '{self.model.id}' is not loaded (state {self.state}).")
+        rid = f"r{next(_rids)}"
+        self._sinks[rid] = sink
+        self.last_used = time.time()
+        self._conn.send(("gen", rid, req))
+        return rid
+
+    def cancel(self, rid: str) -> None:
+        """Stop generating for a request whose client went away."""
+        if self._sinks.pop(rid, None) is not None and self.state == "ready" and self._conn:
+            try:
+                self._conn.send(("cancel", rid))
+            except OSError:
+                pass
+            self.last_used = time.time()
+
+    # Events from the worker -----------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            while conn.poll():
+                self._dispatch(conn.recv())
+        except (EOFError, OSError):
+            self._on_exit()
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, list):  # one decode step's events
+            sinks = self._sinks
+            for ev in msg:
+                tag = ev[0]
+                if tag == "a":
+                    self.worker_active, self.generated_tokens = ev[1], ev[2]
+                    continue
+                sink = sinks.get(ev[1])
+                if sink is None:
+                    continue  # a cancelled request's last tokens
+                if tag in ("f", "e"):
+                    del sinks[ev[1]]
+                    self.requests_served += tag == "f"
+                    self.last_used = time.time()
+                sink(ev)
+        elif msg[0] == "ready":
+            self.info = msg[1]
+            self.state = "ready"
+            log.info("loaded %s in %.2fs (pid %s)", self.model.id, msg[1]["load_seconds"], self.pid)
+            if self._ready and not self._ready.done():
+                self._ready.set_result(None)
+        elif msg[0] == "load_error":
+            log.error("worker for %s failed to load: %s\n%s", self.model.id, msg[1], msg[2])
+            self._fail(f"failed to load: {msg[1]}")
+
+    def _on_exit(self) -> None:
+        code = self._proc.exitcode if self._proc else None
+        if self._proc is not None:
+            self._proc.join(timeout=1)
+            code = self._proc.exitcode
+        if self.state in ("loading", "ready"):
+            self._fail(f"the worker process exited unexpectedly (exit code {code})")
+        else:
+            self._close_pipe()
+
+    def _fail(self, reason: str) -> None:
+        """The worker is gone or unusable: fail everything waiting on it, exactly once."""
+        if self.state in ("failed", "stopped"):
+            return
+        log.warning("worker for %s: %s", self.model.id, reason)
+        self.state, self.error = "failed", reason
+        message = f"Model '{self.model.id}' is unavailable: {reason}. Retry the request."
+        if self._ready and not self._ready.done():
+            self._ready.set_exception(ModelUnavailable(message))
+            self._ready.exception()  # mark retrieved: start() may have timed out already
+        sinks, self._sinks = self._sinks, {}
+        for rid, sink in sinks.items():
+            sink(("e", rid, "ModelUnavailable", message))
+        self._close_pipe()
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+
+    def _close_pipe(self) -> None:
+        if self._conn is not None and self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit, wait for it, and kill it if it does not."""
+        if self.state == "stopped":
+            return
+        was_failed = self.state == "failed"
+        self.state = "stopped"
+        for rid, sink in list(self._sinks.items()):
+            sink(("e", rid, "ModelUnavailable", f"Model '{self.model.id}' was unloaded."))
+        self._sinks.clear()
+        if self._conn is not None and not was_failed:
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+        proc = self._proc
+        if proc is not None:
+            await asyncio.to_thread(proc.join, timeout)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, timeout)
+        self._close_pipe()
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "model": self.model.id,
+            "path": str(self.model.path),
+            "state": self.state,
+            "pid": self.pid,
+            "memory_bytes": self.info.get("memory_bytes"),
+            "context_length": self.info.get("context_length"),
+            "load_seconds": self.info.get("load_seconds"),
+            "uptime_seconds": round(now - self.started_at, 3),
+            "idle_seconds": round(now - self.last_used, 3) if not self._sinks else 0.0,
+            "in_flight": self.in_flight,
+            "worker_active": self.worker_active,
+            "generated_tokens": self.generated_tokens,
+            "requests_served": self.requests_served,
+            "error": self.error,
+        }

@@ -1,0 +1,142 @@
+"""Models on disk: the Hugging Face cache and the configured model folders.
+
+The remote half (search, download, delete) arrives with the hub issue; this module already owns
+finding local models and reading what they are from their config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LocalModel:
+    id: str
+    path: Path
+    source: str  # "hf-cache" or "folder"
+    size_bytes: int
+    created: int
+    config: dict[str, Any] = field(repr=False, default_factory=dict)
+    description: str | None = None
+
+    @property
+    def context_length(self) -> int | None:
+        return context_length_of(self.config)
+
+    @property
+    def family(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def quantization_bits(self) -> int | None:
+        q = self.config.get("quantization") or self.config.get("quantization_config") or {}
+        return q.get("bits") if isinstance(q, dict) else None
+
+
+def context_length_of(config: dict[str, Any]) -> int | None:
+    """The context window a model's config.json declares (names differ by architecture)."""
+    cfg = config.get("text_config", config)
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int] | None:
+    """(config, weight bytes, mtime) for a folder that holds a loadable model, else None."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        entries = list(os.scandir(path))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    # A folder without weights is still listed: the user put it there to serve it, and the load
+    # error (503 naming the missing files) tells them more than silence would.
+    size = 0
+    for entry in entries:
+        try:
+            st = entry.stat()  # follows the HF cache's symlinks to blobs
+        except OSError:
+            continue
+        size += st.st_size
+    return config, size, int((path / "config.json").stat().st_mtime)
+
+
+def _description(path: Path) -> str | None:
+    readme = path / "README.md"
+    if readme.is_file() and "random weights" in readme.read_text(errors="replace")[:2000]:
+        return "random weights: built offline by mlx-manager, its output is meaningless"
+    return None
+
+
+def scan_hf_cache(cache: Path) -> list[LocalModel]:
+    """Models in a Hugging Face hub cache, named `org/name`. A missing cache is simply empty."""
+    found: list[LocalModel] = []
+    try:
+        repos = sorted(p for p in cache.iterdir() if p.name.startswith("models--"))
+    except OSError:
+        return found
+    for repo in repos:
+        repo_id = repo.name[len("models--") :].replace("--", "/")
+        snapshot = _current_snapshot(repo)
+        if snapshot is None:
+            continue
+        info = _read_model_dir(snapshot)
+        if info is None:
+            continue
+        config, size, mtime = info
+        found.append(LocalModel(repo_id, snapshot, "hf-cache", size, mtime, config))
+    return found
+
+
+def _current_snapshot(repo: Path) -> Path | None:
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    try:
+        snaps = [s for s in (repo / "snapshots").iterdir() if (s / "config.json").is_file()]
+    except OSError:
+        return None
+    return max(snaps, key=lambda s: s.stat().st_mtime) if snaps else None
+
+
+def scan_folder(folder: Path) -> list[LocalModel]:
+    """Each subfolder holding a config.json is a model named by its folder name."""
+    found: list[LocalModel] = []
+    try:
+        subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return found
+    for sub in subdirs:
+        if not (sub / "config.json").is_file():
+            continue
+        info = _read_model_dir(sub)
+        if info is None:
+            continue
+        config, size, mtime = info
+        found.append(LocalModel(sub.name, sub, "folder", size, mtime, config, _description(sub)))
+    return found
+
+
+def scan_local_models(hf_cache: Path, folders: list[Path]) -> list[LocalModel]:
+    """Every local model; on a name clash the HF cache wins, then folders in the order given."""
+    by_id: dict[str, LocalModel] = {}
+    for model in [*scan_hf_cache(hf_cache), *(m for f in folders for m in scan_folder(f))]:
+        by_id.setdefault(model.id, model)
+    return list(by_id.values())
+
+
+def read_local_model(path: Path) -> LocalModel | None:
+    """A model named by its absolute path."""
+    info = _read_model_dir(path) if (path / "config.json").is_file() else None
+    if info is None:
+        return None
+    config, size, mtime = info
+    return LocalModel(str(path), path, "path", size, mtime, config, _description(path))

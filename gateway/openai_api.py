@@ -1,0 +1,338 @@
+"""The /v1 protocol: validate requests, hand them to the pool, shape responses and SSE chunks,
+and turn every failure into an OpenAI error body with the right status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.errors import InvalidRequest, ServiceError
+from gateway.generation import Choice
+from gateway.pool import Generation, ModelPool
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+B = TypeVar("B", bound=BaseModel)
+SSE_PING_SECONDS = 15
+
+
+def _pool(request: Request) -> ModelPool:
+    return request.app.state.pool
+
+
+async def parse_body(request: Request, schema: type[B]) -> B:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def _validation_error(e: ValidationError) -> InvalidRequest:
+    err = e.errors()[0]
+    # Union members add their type name to the location; a person wants the field path.
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPES))]
+    param = ".".join(loc) or None
+    if err["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
+
+
+_TYPES = {"str", "int", "float", "bool", "list", "dict", "function-after", "TextPart"}
+
+
+# Models ---------------------------------------------------------------------------------------
+
+
+def model_entries(pool: ModelPool) -> list[dict[str, Any]]:
+    """Every name a request can use: local models, then profiles (marked `owned_by: profile`)."""
+    loaded = {s["path"] for s in pool.status() if s["state"] == "ready"}
+    entries = []
+    models = pool.catalog.models()
+    for m in models:
+        entries.append(
+            {
+                "id": m.id,
+                "object": "model",
+                "created": m.created,
+                "owned_by": m.id.split("/")[0] if "/" in m.id else "local",
+                "loaded": str(m.path) in loaded,
+                "context_length": m.context_length,
+                "size_bytes": m.size_bytes,
+                **({"description": m.description} if m.description else {}),
+            }
+        )
+    paths = {m.id: str(m.path) for m in models}
+    for p in pool.catalog.store.profiles():
+        for name in (p["name"], *p["aliases"]):
+            entries.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "profile",
+                    "model": p["model"],
+                    "loaded": paths.get(p["model"]) in loaded,
+                }
+            )
+    return entries
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": model_entries(_pool(request))})
+
+
+async def get_model(request: Request) -> Response:
+    pool = _pool(request)
+    name = request.path_params["model_id"]
+    resolved = pool.resolve(name)  # raises model_not_found with close matches
+    for entry in model_entries(pool):
+        if entry["id"] == name:
+            return JSONResponse(entry)
+    # An absolute path: not listed, but usable.
+    return JSONResponse(
+        {
+            "id": name,
+            "object": "model",
+            "created": resolved.model.created,
+            "owned_by": "local",
+            "loaded": pool.is_loaded(resolved),
+            "context_length": resolved.model.context_length,
+        }
+    )
+
+
+# Generation -----------------------------------------------------------------------------------
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _collect_unless_disconnected(request: Request, gen: Generation) -> list[Choice]:
+    """A non-streamed answer; if the client leaves first, stop generating for it."""
+    collect = asyncio.ensure_future(gen.collect())
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if collect.done():
+        watch.cancel()
+        return collect.result()
+    collect.cancel()
+    gen.close()
+    raise ClientDisconnected
+
+
+def _usage(gen: Generation, n: int, completion_tokens: int) -> dict[str, int]:
+    prompt = sum(gen.prompt_tokens[::n])  # the prompt counts once per prompt, not per choice
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
+def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
+    def item(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**item(t, lp), "top_logprobs": [item(tt, tlp) for tt, tlp in top]}
+            for t, lp, top in entries
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(entries: list[Any], offset: int = 0) -> dict[str, Any]:
+    offsets = []
+    for t, _, _ in entries:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": [t for t, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{tt: tlp for tt, tlp in top} for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    gen = await _pool(request).generate(body.model, body.generation_requests())
+    meta = _Meta("chatcmpl", body.model)
+    if body.stream:
+        return _sse(request, _chat_stream(gen, meta, body))
+    try:
+        choices = await _collect_unless_disconnected(request, gen)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(
+        {
+            **meta.head("chat.completion"),
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": _usage(gen, body.n, sum(c.completion_tokens for c in choices)),
+        }
+    )
+
+
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    gen = await _pool(request).generate(body.model, body.generation_requests())
+    meta = _Meta("cmpl", body.model)
+    if body.stream:
+        return _sse(request, _completion_stream(gen, meta, body))
+    try:
+        choices = await _collect_unless_disconnected(request, gen)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(
+        {
+            **meta.head("text_completion"),
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": _completion_logprobs(c.logprobs)
+                    if body.logprobs is not None
+                    else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": _usage(gen, body.n, sum(c.completion_tokens for c in choices)),
+        }
+    )
+
+
+# Streaming ------------------------------------------------------------------------------------
+
+
+class _Meta:
+    def __init__(self, prefix: str, model: str) -> None:
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = model
+
+    def head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "mlx-manager",
+        }
+
+    def chunk_frame(self, obj: str, include_usage: bool) -> tuple[str, str]:
+        """JSON text before and after a chunk's `choices` list: rendered once per request,
+        since chunks are written once per token."""
+        head = json.dumps(self.head(obj))[:-1]
+        return head + ', "choices": [', "]" + (', "usage": null}' if include_usage else "}")
+
+
+def _sse(request: Request, events: AsyncIterator[str]) -> Response:
+    return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n")
+
+
+async def _chat_stream(
+    gen: Generation, meta: _Meta, body: ChatCompletionRequest
+) -> AsyncIterator[str]:
+    pre, post = meta.chunk_frame("chat.completion.chunk", body.include_usage)
+    tokens = 0
+    try:
+        for i in range(body.n):
+            yield (
+                f'{pre}{{"index": {i}, "delta": {{"role": "assistant", "content": ""}}, '
+                f'"logprobs": null, "finish_reason": null}}{post}'
+            )
+        async for ev in gen:
+            if ev[0] == "d":
+                lp = json.dumps(_chat_logprobs([ev[3]])) if ev[3] is not None else "null"
+                yield (
+                    f'{pre}{{"index": {ev[1]}, "delta": {{"content": {json.dumps(ev[2])}}}, '
+                    f'"logprobs": {lp}, "finish_reason": null}}{post}'
+                )
+            else:
+                tokens += ev[3]
+                yield (
+                    f'{pre}{{"index": {ev[1]}, "delta": {{}}, "logprobs": null, '
+                    f'"finish_reason": "{ev[2]}"}}{post}'
+                )
+        if body.include_usage:
+            yield json.dumps(
+                {
+                    **meta.head("chat.completion.chunk"),
+                    "choices": [],
+                    "usage": _usage(gen, body.n, tokens),
+                }
+            )
+        yield "[DONE]"
+    except ServiceError as e:
+        yield json.dumps(e.body())
+    finally:
+        gen.close()
+
+
+async def _completion_stream(
+    gen: Generation, meta: _Meta, body: CompletionRequest
+) -> AsyncIterator[str]:
+    pre, post = meta.chunk_frame("text_completion", body.include_usage)
+    tokens = 0
+    offsets = [0] * len(gen.requests)
+    try:
+        async for ev in gen:
+            if ev[0] == "d":
+                lp = "null"
+                if ev[3] is not None:
+                    lp = json.dumps(_completion_logprobs([ev[3]], offsets[ev[1]]))
+                    offsets[ev[1]] += len(ev[3][0])
+                yield (
+                    f'{pre}{{"index": {ev[1]}, "text": {json.dumps(ev[2])}, '
+                    f'"logprobs": {lp}, "finish_reason": null}}{post}'
+                )
+            else:
+                tokens += ev[3]
+                yield (
+                    f'{pre}{{"index": {ev[1]}, "text": "", "logprobs": null, '
+                    f'"finish_reason": "{ev[2]}"}}{post}'
+                )
+        if body.include_usage:
+            yield json.dumps(
+                {
+                    **meta.head("text_completion"),
+                    "choices": [],
+                    "usage": _usage(gen, body.n, tokens),
+                }
+            )
+        yield "[DONE]"
+    except ServiceError as e:
+        yield json.dumps(e.body())
+    finally:
+        gen.close()

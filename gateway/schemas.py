@@ -1,0 +1,133 @@
+"""Request bodies of the /v1 API, validated with pydantic. Unknown fields are ignored, as
+OpenAI-compatible clients send extras; every accepted field either works or is refused."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.generation import GenerationRequest
+
+MAX_CHOICES = 16
+MAX_STOPS = 16
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: Annotated[str, Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    user: str | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": self.stops,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+
+    def _seeds(self, count: int) -> list[int | None]:
+        # With n > 1 and a seed, each choice gets its own seed: same request, same answers.
+        return [None if self.seed is None else self.seed + i for i in range(count)]
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        messages = [m.as_template_message() for m in self.messages]
+        return [
+            GenerationRequest(
+                kind="chat",
+                messages=messages,
+                max_tokens=self.max_completion_tokens or self.max_tokens,
+                seed=seed,
+                logprobs=self.logprobs,
+                top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
+                **self._common(),
+            )
+            for seed in self._seeds(self.n)
+        ]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        # Choices are ordered prompt by prompt, n per prompt, as OpenAI orders them.
+        return [
+            GenerationRequest(
+                kind="completion",
+                prompt=prompt,
+                max_tokens=self.max_tokens,
+                seed=seed,
+                logprobs=self.logprobs is not None,
+                top_logprobs=self.logprobs or 0,
+                **self._common(),
+            )
+            for prompt in self.prompts
+            for seed in self._seeds(self.n)
+        ]

@@ -1,0 +1,282 @@
+"""The code that runs inside one worker process (spawned, never forked): it owns all MLX state
+for one model and drives mlx-lm's BatchGenerator, admitting new requests between decode steps.
+
+Protocol: see gateway/generation.py. Everything MLX happens on this process's main thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from gateway.hub import context_length_of
+
+
+@dataclass
+class _Sequence:
+    rid: str
+    detokenizer: Any
+    stops: list[str]
+    max_stop: int
+    logprobs: bool
+    top_logprobs: int
+    tokens: int = 0
+    pending: str = ""  # decoded text held back because it may be the start of a stop string
+
+
+class Engine:
+    def __init__(
+        self, model: Any, tokenizer: Any, conn: Connection, context_length: int, batch_size: int
+    ) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator, StopSequences
+
+        self.mx = mx
+        self.tokenizer = tokenizer
+        self.conn = conn
+        self.context_length = context_length
+        self.gen = BatchGenerator(
+            model,
+            completion_batch_size=batch_size,
+            prefill_batch_size=min(8, batch_size),
+            stream=mx.new_stream(mx.default_device()),
+        )
+        self.eos = StopSequences([[t] for t in tokenizer.eos_token_ids])
+        self.seqs: dict[int, _Sequence] = {}
+        self.uid_of: dict[str, int] = {}
+        self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
+        self.generated_total = 0
+        self.reported: tuple[int, int] | None = None
+
+    # Requests ---------------------------------------------------------------------------------
+
+    def submit(self, rid: str, req: dict[str, Any], events: list[tuple[Any, ...]]) -> None:
+        try:
+            prompt = self._tokenize(req)
+        except Exception as e:  # a template that rejects the messages, bad content, ...
+            events.append(("e", rid, "InvalidRequest", f"Could not build the prompt: {e}"))
+            return
+        limit = min(self.context_length, req.get("context_length") or self.context_length)
+        if len(prompt) >= limit:
+            events.append(
+                (
+                    "e",
+                    rid,
+                    "ContextLengthExceeded",
+                    f"This model's maximum context length is {limit} tokens, but the prompt "
+                    f"has {len(prompt)} tokens. Shorten the messages or the prompt.",
+                )
+            )
+            return
+        room = limit - len(prompt)
+        max_tokens = min(req.get("max_tokens") or room, room)
+        stops = [s for s in req.get("stop") or [] if s]
+        (uid,) = self.gen.insert(
+            [prompt],
+            max_tokens=[max_tokens],
+            samplers=[self._sampler(req)],
+            logits_processors=[self._processors(req)],
+            stop_sequences=[self.eos],
+        )
+        self.seqs[uid] = _Sequence(
+            rid,
+            self.tokenizer.detokenizer,
+            stops,
+            max((len(s) for s in stops), default=0),
+            bool(req.get("logprobs")),
+            int(req.get("top_logprobs") or 0),
+        )
+        self.uid_of[rid] = uid
+        events.append(("s", rid, len(prompt)))
+
+    def _tokenize(self, req: dict[str, Any]) -> list[int]:
+        tok = self.tokenizer
+        if req["kind"] == "chat":
+            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            ids = tok.encode(req.get("prompt") or "")
+        if not ids and tok.bos_token_id is not None:
+            ids = [tok.bos_token_id]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _sampler(self, req: dict[str, Any]) -> Callable[..., Any]:
+        mx = self.mx
+        from mlx_lm.sample_utils import apply_top_p
+
+        temp = float(req.get("temperature") or 0.0)
+        top_p = float(req.get("top_p") if req.get("top_p") is not None else 1.0)
+        seed = req.get("seed")
+        if temp == 0:
+            temp, top_p, seed = 0.0, 1.0, None  # greedy: one shared sampler batches every row
+        if seed is None and (temp, top_p) in self.samplers:
+            return self.samplers[(temp, top_p)]
+        # A request with a seed owns a PRNG key so its output does not depend on what else is
+        # in the batch (mx.random's global state is shared by every row).
+        key = [mx.random.key(int(seed))] if seed is not None else None
+
+        def sample(logprobs: Any) -> Any:
+            if temp == 0:
+                return mx.argmax(logprobs, axis=-1)
+            if 0 < top_p < 1:
+                logprobs = apply_top_p(logprobs, top_p)
+            if key is None:
+                return mx.random.categorical(logprobs * (1 / temp))
+            key[0], sub = mx.random.split(key[0])
+            return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+        if seed is None:
+            self.samplers[(temp, top_p)] = sample
+        return sample
+
+    def _processors(self, req: dict[str, Any]) -> list[Any]:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(
+            presence_penalty=req.get("presence_penalty") or None,
+            frequency_penalty=req.get("frequency_penalty") or None,
+        )
+
+    def cancel(self, rid: str) -> None:
+        uid = self.uid_of.pop(rid, None)
+        if uid is not None:
+            self.seqs.pop(uid, None)
+            self.gen.remove([uid])
+
+    # Decoding -----------------------------------------------------------------------------------
+
+    def step(self, events: list[tuple[Any, ...]]) -> None:
+        _, responses = self.gen.next()
+        done: list[int] = []
+        for r in responses:
+            seq = self.seqs.get(r.uid)
+            if seq is None:
+                continue
+            seq.tokens += 1
+            self.generated_total += 1
+            if r.finish_reason == "stop":  # an end-of-sequence token: not part of the text
+                seq.detokenizer.finalize()
+            else:
+                seq.detokenizer.add_token(r.token)
+                if r.finish_reason is not None:
+                    seq.detokenizer.finalize()
+            text, hit_stop = self._hold_back(
+                seq, seq.detokenizer.last_segment, final=r.finish_reason is not None
+            )
+            lp = self._logprob(seq, r) if seq.logprobs else None
+            if text or lp is not None:
+                events.append(("d", seq.rid, text, lp))
+            reason = "stop" if hit_stop else r.finish_reason
+            if reason is not None:
+                events.append(("f", seq.rid, reason, seq.tokens))
+                del self.seqs[r.uid]
+                del self.uid_of[seq.rid]
+                if r.finish_reason is None:
+                    done.append(r.uid)
+        if done:
+            self.gen.remove(done)
+
+    def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached (never emitted)."""
+        if not seq.stops:
+            return text, False
+        buf = seq.pending + text
+        hits = [i for i in (buf.find(s) for s in seq.stops) if i >= 0]
+        if hits:
+            seq.pending = ""
+            return buf[: min(hits)], True
+        if final:
+            seq.pending = ""
+            return buf, False
+        keep = 0  # the longest tail of buf that could still grow into a stop string
+        for n in range(min(len(buf), seq.max_stop - 1), 0, -1):
+            tail = buf[-n:]
+            if any(s.startswith(tail) for s in seq.stops):
+                keep = n
+                break
+        seq.pending = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def _logprob(self, seq: _Sequence, r: Any) -> tuple[str, float, list[tuple[str, float]]]:
+        mx = self.mx
+        decode = self.tokenizer.decode
+        top: list[tuple[str, float]] = []
+        if seq.top_logprobs > 0:
+            k = seq.top_logprobs
+            idx = mx.argpartition(-r.logprobs, kth=k - 1)[:k]
+            vals = r.logprobs[idx]
+            order = mx.argsort(-vals)
+            ids, lps = idx[order].tolist(), vals[order].tolist()
+            top = [(decode([i]), float(v)) for i, v in zip(ids, lps, strict=True)]
+        return decode([r.token]), float(r.logprobs[r.token].item()), top
+
+    # Main loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        conn = self.conn
+        while True:
+            if not self.seqs:
+                self._report()
+                conn.poll(None)  # idle: sleep until the gateway writes (or goes away)
+            events: list[tuple[Any, ...]] = []
+            while conn.poll(0):
+                msg = conn.recv()
+                if msg[0] == "gen":
+                    self.submit(msg[1], msg[2], events)
+                elif msg[0] == "cancel":
+                    self.cancel(msg[1])
+                elif msg[0] == "stop":
+                    return
+            if self.seqs:
+                self.step(events)
+            if events:
+                conn.send(events)
+            self._report()
+
+    def _report(self) -> None:
+        """Tell the gateway how many sequences run here whenever that number changes."""
+        state = (len(self.seqs), self.generated_total)
+        if self.reported is None or state[0] != self.reported[0]:
+            self.reported = state
+            self.conn.send([("a", *state)])
+
+
+def main(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
+    """Entry point of a spawned worker process."""
+    started = time.perf_counter()
+    try:
+        import mlx.core as mx
+        import mlx_lm
+
+        model, tokenizer, config = mlx_lm.load(model_path, return_config=True)
+        context = options.get("context_length") or context_length_of(config) or 4096
+    except BaseException as e:  # noqa: BLE001 - any load failure is reported, not raised
+        try:
+            conn.send(("load_error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        finally:
+            conn.close()
+        return
+    conn.send(
+        (
+            "ready",
+            {
+                "pid": os.getpid(),
+                "load_seconds": time.perf_counter() - started,
+                "memory_bytes": int(mx.get_active_memory()),
+                "context_length": context,
+            },
+        )
+    )
+    try:
+        Engine(model, tokenizer, conn, context, int(options.get("batch_size", 32))).run()
+    except (EOFError, OSError, KeyboardInterrupt):
+        pass  # the gateway went away: exit quietly
+    finally:
+        mx.clear_streams()
