@@ -111,6 +111,7 @@ class ModelPool:
         self.catalog = catalog
         self.workers: dict[str, WorkerHandle] = {}
         self._loads: dict[str, asyncio.Task[WorkerHandle]] = {}
+        self.load_counts: dict[str, int] = {}  # loads started per model, ever
 
     def resolve(self, name: str) -> Resolved:
         return self.catalog.resolve(name)
@@ -135,6 +136,7 @@ class ModelPool:
         if old is not None:
             await old.stop()
         handle = WorkerHandle(resolved.model, {"batch_size": self.settings.batch_size})
+        self.load_counts[key] = self.load_counts.get(key, 0) + 1
         self.workers[key] = handle
         try:
             await handle.start(self.settings.load_timeout)
@@ -166,7 +168,7 @@ class ModelPool:
 
     def status(self) -> list[dict[str, Any]]:
         self.reap()
-        return [h.status() for h in self.workers.values()]
+        return [{**h.status(), "loads": self.load_counts[k]} for k, h in self.workers.items()]
 
     async def close(self) -> None:
         for task in list(self._loads.values()):

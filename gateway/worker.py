@@ -51,6 +51,7 @@ class Engine:
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
         self.generated_total = 0
+        self.token_texts: dict[int, str] = {}
         self.reported: tuple[int, int] | None = None
 
     # Requests ---------------------------------------------------------------------------------
@@ -204,9 +205,20 @@ class Engine:
         seq.pending = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], False
 
+    def _token_text(self, token: int) -> str:
+        """A token's text for logprobs. A token holding part of a UTF-8 character decodes to
+        U+FFFD, like many others: its vocabulary name keeps it distinguishable."""
+        text = self.token_texts.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token])
+            if "\ufffd" in text:
+                text = self.tokenizer.convert_ids_to_tokens(token)
+            self.token_texts[token] = text
+        return text
+
     def _logprob(self, seq: _Sequence, r: Any) -> tuple[str, float, list[tuple[str, float]]]:
         mx = self.mx
-        decode = self.tokenizer.decode
+        decode = self._token_text
         top: list[tuple[str, float]] = []
         if seq.top_logprobs > 0:
             k = seq.top_logprobs
@@ -214,8 +226,8 @@ class Engine:
             vals = r.logprobs[idx]
             order = mx.argsort(-vals)
             ids, lps = idx[order].tolist(), vals[order].tolist()
-            top = [(decode([i]), float(v)) for i, v in zip(ids, lps, strict=True)]
-        return decode([r.token]), float(r.logprobs[r.token].item()), top
+            top = [(decode(i), float(v)) for i, v in zip(ids, lps, strict=True)]
+        return decode(r.token), float(r.logprobs[r.token].item()), top
 
     # Main loop ----------------------------------------------------------------------------------
 

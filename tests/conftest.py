@@ -1,0 +1,86 @@
+"""Fixtures: tiny real models built once per session, and the real server on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.model_builder import ModelSpec, build_model
+from tests.server import Server, start_server
+
+__all__ = ["HF_MODEL", "Models", "Server", "start_server"]
+
+HF_MODEL = "tiny-org/tiny-hf"
+
+
+@dataclass
+class Models:
+    folder: Path  # MLX_MANAGER_MODEL_DIRS
+    hf_cache: Path  # HF_HUB_CACHE
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    root = tmp_path_factory.mktemp("models")
+    folder = root / "folder"
+    # Distinct seeds make distinct models: routing mistakes show up as different text.
+    for name, seed in (("tiny-a", 0), ("tiny-b", 1), ("tiny-c", 2), ("tiny-d", 3)):
+        build_model(folder / name, ModelSpec(seed=seed))
+    # A folder that claims to be a model but has no weights: loading it must fail cleanly.
+    (folder / "broken").mkdir()
+    (folder / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    # The same files in the Hugging Face cache layout, named org/name.
+    hf_cache = root / "hf"
+    repo = hf_cache / ("models--" + HF_MODEL.replace("/", "--"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder / "tiny-a", repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return Models(folder, hf_cache)
+
+
+@pytest.fixture(scope="session")
+def server(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("server") / "home"
+    env = {"MLX_MANAGER_MODEL_DIRS": str(models.folder), "HF_HUB_CACHE": str(models.hf_cache)}
+    srv = start_server(home, env)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_of(models: Models) -> Any:
+    """The real tokenizer of a test model, to check token counts independently."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            cache[name] = load_tokenizer(models.path(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture()
+def client(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def aclient(server: Server) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
