@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
-import multiprocessing
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from gateway import worker
 from gateway.errors import ModelUnavailable
 from gateway.hub import LocalModel
 
@@ -36,7 +38,7 @@ class WorkerHandle:
         self._sinks: dict[str, Sink] = {}
         self._ready: asyncio.Future[None] | None = None
         self._conn: Connection | None = None
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -49,20 +51,29 @@ class WorkerHandle:
 
     async def start(self, timeout: float) -> None:
         """Spawn the worker and wait until its model is loaded (ModelUnavailable if it fails)."""
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=worker.main,
-            args=(child, str(self.model.path), self.options),
-            name=f"mlx-worker:{self.model.id}",
-            daemon=True,
+        # A fresh interpreter running `-m gateway.worker` (not multiprocessing's spawn, which
+        # re-imports the parent's __main__ in the child); `ps` shows which model it serves.
+        ours, theirs = socket.socketpair()
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.worker",
+                "--fd",
+                str(theirs.fileno()),
+                "--model",
+                str(self.model.path),
+                "--options",
+                json.dumps(self.options),
+            ],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
         )
+        theirs.close()  # so the socket reports EOF when the worker exits
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        self._conn = parent
-        self._proc.start()
-        child.close()  # so the pipe reports EOF when the worker exits
-        self._loop.add_reader(parent.fileno(), self._on_readable)
+        self._conn = Connection(ours.detach())
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except TimeoutError:
@@ -127,10 +138,12 @@ class WorkerHandle:
             self._fail(f"failed to load: {msg[1]}")
 
     def _on_exit(self) -> None:
-        code = self._proc.exitcode if self._proc else None
+        code = None
         if self._proc is not None:
-            self._proc.join(timeout=1)
-            code = self._proc.exitcode
+            try:
+                code = self._proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
         if self.state in ("loading", "ready"):
             self._fail(f"the worker process exited unexpectedly (exit code {code})")
         else:
@@ -150,7 +163,7 @@ class WorkerHandle:
         for rid, sink in sinks.items():
             sink(("e", rid, "ModelUnavailable", message))
         self._close_pipe()
-        if self._proc is not None and self._proc.is_alive():
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
 
     def _close_pipe(self) -> None:
@@ -175,10 +188,11 @@ class WorkerHandle:
                 pass
         proc = self._proc
         if proc is not None:
-            await asyncio.to_thread(proc.join, timeout)
-            if proc.is_alive():
+            try:
+                await asyncio.to_thread(proc.wait, timeout)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                await asyncio.to_thread(proc.join, timeout)
+                await asyncio.to_thread(proc.wait, timeout)
         self._close_pipe()
 
     def status(self) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Protocol: see gateway/generation.py. Everything MLX happens on this process's ma
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import time
 import traceback
@@ -260,8 +262,8 @@ class Engine:
             self.conn.send([("a", *state)])
 
 
-def main(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
-    """Entry point of a spawned worker process."""
+def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
+    """Load the model, say so, then generate until told to stop or the gateway goes away."""
     started = time.perf_counter()
     try:
         import mlx.core as mx
@@ -292,3 +294,17 @@ def main(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
         pass  # the gateway went away: exit quietly
     finally:
         mx.clear_streams()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gateway.worker --fd N --model PATH`: started by the gateway, never by hand."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.worker")
+    parser.add_argument("--fd", type=int, required=True, help="socket inherited from the gateway")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--options", default="{}")
+    args = parser.parse_args(argv)
+    serve(Connection(args.fd), args.model, json.loads(args.options))
+
+
+if __name__ == "__main__":
+    main()
