@@ -42,6 +42,13 @@ class Settings:
     # Decode batch size of each worker's BatchGenerator (continuous batching width).
     batch_size: int = 32
     log_level: str = "info"
+    # Lifecycle (gateway/pool.py).
+    max_loaded_models: int | None = None  # None: no count limit
+    memory_budget: str = "75%"  # bytes, a size ("12GB") or a percent of system memory
+    idle_ttl: float = 1800.0  # seconds a model stays loaded after its last request; 0: forever
+    preload: list[str] = field(default_factory=list)  # loaded at startup and pinned
+    max_queue: int = 256  # requests waiting per model before 429
+    allowed_models: list[str] = field(default_factory=list)  # glob patterns; empty: all
 
     @property
     def db_path(self) -> Path:
@@ -59,6 +66,61 @@ class Settings:
     def all_model_dirs(self) -> list[Path]:
         return [*self.model_dirs, self.own_models_dir]
 
+    def memory_budget_bytes(self, total_memory: int) -> int:
+        return parse_size(self.memory_budget, total_memory)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str, total: int) -> int:
+    """Bytes from "12884901888", "12GB", "12 GiB" or "75%" (of `total`)."""
+    value = str(text).strip().lower().replace(" ", "")
+    try:
+        if value.endswith("%"):
+            percent = float(value[:-1])
+            if not 0 < percent <= 100:
+                raise ValueError
+            return int(total * percent / 100)
+        number = value.rstrip("kmgtib")
+        unit = value[len(number) :]
+        if unit not in _UNITS or float(number) <= 0:
+            raise ValueError
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise SettingsError(
+            f"memory size {text!r}: use bytes, a size like '12GB' or a percent like '75%'"
+        ) from None
+
+
+def parse_duration(value: float | int | str | None) -> float | None:
+    """Seconds from 300, "300", "300s", "5m", "1h" (Ollama's keep_alive forms)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip().lower()
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale[suffix]
+    return float(text)
+
 
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML/env/flag value into the type the Settings field holds."""
@@ -69,12 +131,29 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "model_dirs":
         items = value.split(os.pathsep) if isinstance(value, str) else list(value)
         return [Path(str(p)).expanduser() for p in items if str(p)]
-    if name == "port" or name == "batch_size":
-        return int(value)
-    if name == "load_timeout":
-        return float(value)
-    if name == "default_max_tokens":
-        return int(value) if str(value).strip() not in ("", "none", "None") else None
+    if name in ("preload", "allowed_models"):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(p).strip() for p in items if str(p).strip()]
+    if name in ("port", "batch_size", "max_queue"):
+        number = int(value)
+        if number < (0 if name == "port" else 1):
+            raise ValueError
+        return number
+    if name in ("load_timeout", "idle_ttl"):
+        seconds = parse_duration(value)
+        if seconds is None or seconds < 0:
+            raise ValueError
+        return seconds
+    if name in ("default_max_tokens", "max_loaded_models"):
+        if str(value).strip().lower() in ("", "none", "0"):
+            return None
+        number = int(value)
+        if number < 1:
+            raise ValueError
+        return number
+    if name == "memory_budget":
+        parse_size(str(value), 1)  # validate now: a typo should stop startup, not a request
+        return str(value)
     return str(value)
 
 
@@ -116,6 +195,8 @@ def load_settings(
         for name, raw in layer.items():
             try:
                 values[name] = _coerce(name, raw)
+            except SettingsError:
+                raise
             except (TypeError, ValueError):
                 raise SettingsError(f"setting {name!r}: invalid value {raw!r}") from None
     values["home"] = home

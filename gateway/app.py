@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ async def workers(request: Request) -> Response:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -73,9 +74,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         store = Store(settings.db_path)
         pool = ModelPool(settings, Catalog(settings, store))
         app.state.settings, app.state.store, app.state.pool = settings, store, pool
+        # Pinned models (MLX_MANAGER_PRELOAD and pinned profiles) load in the background:
+        # the server answers at once, and requests for them wait for their load.
+        pinned = [*settings.preload, *(p["name"] for p in store.profiles() if p["pinned"])]
+        preload = asyncio.create_task(pool.preload(pinned))
         try:
             yield
         finally:
+            preload.cancel()
             await pool.close()
 
     routes = [

@@ -18,6 +18,10 @@ class ServiceError(Exception):
         if code is not None:
             self.code = code
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -56,3 +60,30 @@ class ModelUnavailable(ServiceError):
     status = 503
     type = "server_error"
     code = "model_unavailable"
+
+
+class PermissionDenied(ServiceError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class TooManyRequests(ServiceError):
+    """The model's queue is full: come back shortly."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retry_after = 1
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class InsufficientMemory(ServiceError):
+    """The model cannot fit in the memory budget, even with everything else unloaded."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_memory"

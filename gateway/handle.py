@@ -24,9 +24,15 @@ Sink = Callable[[tuple[Any, ...]], None]
 
 
 class WorkerHandle:
-    def __init__(self, model: LocalModel, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: LocalModel,
+        options: dict[str, Any],
+        on_exit: Callable[[WorkerHandle], None] | None = None,
+    ) -> None:
         self.model = model
         self.options = options
+        self.on_exit = on_exit  # told once when the worker dies or fails, not when stopped
         self.state = "loading"  # loading -> ready -> stopped | failed
         self.info: dict[str, Any] = {}
         self.started_at = time.time()
@@ -118,6 +124,7 @@ class WorkerHandle:
                 tag = ev[0]
                 if tag == "a":
                     self.worker_active, self.generated_tokens = ev[1], ev[2]
+                    self.info["memory_bytes"] = ev[3]
                     continue
                 sink = sinks.get(ev[1])
                 if sink is None:
@@ -165,6 +172,8 @@ class WorkerHandle:
         self._close_pipe()
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
+        if self.on_exit is not None:
+            self.on_exit(self)
 
     def _close_pipe(self) -> None:
         if self._conn is not None and self._loop is not None:
@@ -172,15 +181,23 @@ class WorkerHandle:
             self._conn.close()
             self._conn = None
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Ask the worker to exit, wait for it, and kill it if it does not."""
+    async def stop(self, reason: str = "it was unloaded", timeout: float = 5.0) -> None:
+        """Ask the worker to exit, wait for it, and kill it if it does not. Requests still
+        running on it fail with `reason`."""
         if self.state == "stopped":
             return
         was_failed = self.state == "failed"
         self.state = "stopped"
-        for rid, sink in list(self._sinks.items()):
-            sink(("e", rid, "ModelUnavailable", f"Model '{self.model.id}' was unloaded."))
-        self._sinks.clear()
+        sinks, self._sinks = self._sinks, {}
+        for rid, sink in sinks.items():
+            sink(
+                (
+                    "e",
+                    rid,
+                    "ModelUnavailable",
+                    f"Model '{self.model.id}' stopped before finishing: {reason}.",
+                )
+            )
         if self._conn is not None and not was_failed:
             try:
                 self._conn.send(("stop",))

@@ -18,7 +18,8 @@ class LocalModel:
     id: str
     path: Path
     source: str  # "hf-cache" or "folder"
-    size_bytes: int
+    size_bytes: int  # every file of the model
+    weights_bytes: int  # the *.safetensors files: what loading puts in memory
     created: int
     config: dict[str, Any] = field(repr=False, default_factory=dict)
     description: str | None = None
@@ -46,8 +47,8 @@ def context_length_of(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int] | None:
-    """(config, weight bytes, mtime) for a folder that holds a loadable model, else None."""
+def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int, int] | None:
+    """(config, total bytes, weight bytes, mtime) for a folder that holds a model, else None."""
     try:
         config = json.loads((path / "config.json").read_text())
         entries = list(os.scandir(path))
@@ -57,14 +58,16 @@ def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int] | None:
         return None
     # A folder without weights is still listed: the user put it there to serve it, and the load
     # error (503 naming the missing files) tells them more than silence would.
-    size = 0
+    size = weights = 0
     for entry in entries:
         try:
             st = entry.stat()  # follows the HF cache's symlinks to blobs
         except OSError:
             continue
         size += st.st_size
-    return config, size, int((path / "config.json").stat().st_mtime)
+        if entry.name.endswith(".safetensors"):
+            weights += st.st_size
+    return config, size, weights, int((path / "config.json").stat().st_mtime)
 
 
 def _description(path: Path) -> str | None:
@@ -89,8 +92,8 @@ def scan_hf_cache(cache: Path) -> list[LocalModel]:
         info = _read_model_dir(snapshot)
         if info is None:
             continue
-        config, size, mtime = info
-        found.append(LocalModel(repo_id, snapshot, "hf-cache", size, mtime, config))
+        config, size, weights, mtime = info
+        found.append(LocalModel(repo_id, snapshot, "hf-cache", size, weights, mtime, config))
     return found
 
 
@@ -120,8 +123,10 @@ def scan_folder(folder: Path) -> list[LocalModel]:
         info = _read_model_dir(sub)
         if info is None:
             continue
-        config, size, mtime = info
-        found.append(LocalModel(sub.name, sub, "folder", size, mtime, config, _description(sub)))
+        config, size, weights, mtime = info
+        found.append(
+            LocalModel(sub.name, sub, "folder", size, weights, mtime, config, _description(sub))
+        )
     return found
 
 
@@ -138,5 +143,5 @@ def read_local_model(path: Path) -> LocalModel | None:
     info = _read_model_dir(path) if (path / "config.json").is_file() else None
     if info is None:
         return None
-    config, size, mtime = info
-    return LocalModel(str(path), path, "path", size, mtime, config, _description(path))
+    config, size, weights, mtime = info
+    return LocalModel(str(path), path, "path", size, weights, mtime, config, _description(path))

@@ -4,10 +4,11 @@ and turn every failure into an OpenAI error body with the right status."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -21,6 +22,7 @@ from gateway.pool import Generation, ModelPool
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 B = TypeVar("B", bound=BaseModel)
+T = TypeVar("T")
 SSE_PING_SECONDS = 15
 
 
@@ -123,22 +125,31 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def _collect_unless_disconnected(request: Request, gen: Generation) -> list[Choice]:
-    """A non-streamed answer; if the client leaves first, stop generating for it."""
-    collect = asyncio.ensure_future(gen.collect())
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` (waiting in a model's queue, generating); if the client leaves first, cancel
+    it, which takes the request out of the queue or stops its generation."""
+    task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     watch = asyncio.ensure_future(disconnected())
-    await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if collect.done():
+    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
         watch.cancel()
-        return collect.result()
-    collect.cancel()
-    gen.close()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ServiceError):
+        await task
     raise ClientDisconnected
+
+
+async def _answer(
+    pool: ModelPool, body: ChatCompletionRequest | CompletionRequest
+) -> tuple[Generation, list[Choice]]:
+    gen = await pool.generate(body.model, body.generation_requests(), body.keep_alive_seconds)
+    return gen, await gen.collect()
 
 
 def _usage(gen: Generation, n: int, completion_tokens: int) -> dict[str, int]:
@@ -176,14 +187,22 @@ def _completion_logprobs(entries: list[Any], offset: int = 0) -> dict[str, Any]:
     }
 
 
+async def _start_stream(
+    request: Request, body: ChatCompletionRequest | CompletionRequest
+) -> Generation:
+    pool = _pool(request)
+    return await _unless_disconnected(
+        request, pool.generate(body.model, body.generation_requests(), body.keep_alive_seconds)
+    )
+
+
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
-    gen = await _pool(request).generate(body.model, body.generation_requests())
     meta = _Meta("chatcmpl", body.model)
-    if body.stream:
-        return _sse(request, _chat_stream(gen, meta, body))
     try:
-        choices = await _collect_unless_disconnected(request, gen)
+        if body.stream:
+            return _sse(request, _chat_stream(await _start_stream(request, body), meta, body))
+        gen, choices = await _unless_disconnected(request, _answer(_pool(request), body))
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse(
@@ -205,12 +224,11 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
-    gen = await _pool(request).generate(body.model, body.generation_requests())
     meta = _Meta("cmpl", body.model)
-    if body.stream:
-        return _sse(request, _completion_stream(gen, meta, body))
     try:
-        choices = await _collect_unless_disconnected(request, gen)
+        if body.stream:
+            return _sse(request, _completion_stream(await _start_stream(request, body), meta, body))
+        gen, choices = await _unless_disconnected(request, _answer(_pool(request), body))
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse(

@@ -1,24 +1,105 @@
 """The ModelPool: the only owner of worker lifecycle.
 
-Resolves a request's model name, loads each model once however many requests ask for it at the
-same time (single flight), reaps workers that die so the next request starts a fresh one, and
-hands requests to workers as `Generation` streams.
+Each model has a Slot whose state moves unloaded -> loading -> ready -> draining -> unloaded
+(or failed, when a load fails or the worker dies; a failed slot loads again on the next request).
+Requests hold a lease on a ready slot while they run. The pool:
+
+- loads each model once, however many requests ask at the same time (single flight);
+- admits one load at a time through the memory budget and the loaded-model count, evicting
+  least-recently-used idle models first, and draining busy ones (they finish what they run, then
+  stop) only when nothing idle is left; a model that cannot fit alone is refused before anything
+  is evicted;
+- queues requests that wait for a load or a drain, bounded per model, and grants them all at once
+  when the model is ready, so a freshly loaded model serves its queue before it can be drained;
+- unloads a model once it has been idle for its TTL (the timer starts when its last request ends);
+- never evicts or expires pinned models;
+- reaps workers that die: their requests fail with 503, the next request loads a fresh worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from config.settings import Settings
 from gateway import errors
 from gateway.catalog import Catalog, Resolved
 from gateway.generation import Choice, GenerationRequest
 from gateway.handle import WorkerHandle
+from gateway.hub import LocalModel
 
 log = logging.getLogger("mlx_manager.pool")
+
+# Memory a model needs before its worker has reported a real figure: its weights plus headroom
+# for KV caches and MLX's buffer cache. The worker's own figure replaces it once loaded.
+ESTIMATE_FACTOR = 1.2
+
+LOADED_STATES = ("loading", "ready", "draining")
+Progress = Callable[[str, float], Awaitable[None] | None]
+
+
+@dataclass(eq=False)
+class Slot:
+    """One model's place in the pool."""
+
+    key: str
+    model: LocalModel
+    state: str = "unloaded"  # unloaded | loading | ready | draining | failed
+    handle: WorkerHandle | None = None
+    active: int = 0  # leases: requests running on the worker
+    waiters: deque[asyncio.Future[WorkerHandle]] = field(default_factory=deque)
+    load_task: asyncio.Task[None] | None = None
+    unload_task: asyncio.Task[None] | None = None
+    pinned: bool = False
+    ttl: float | None = None  # profile TTL; None: the pool's default
+    keep_alive: float | None = None  # the last request's keep_alive, if it gave one
+    measured: int | None = None  # memory the worker reported last time it was loaded
+    last_used: float = field(default_factory=time.time)
+    loaded_at: float | None = None
+    ttl_timer: asyncio.TimerHandle | None = None
+    served: int = 0
+    loads: int = 0
+    crashes: int = 0
+    error: str | None = None
+
+    @property
+    def estimate(self) -> int:
+        if self.measured:
+            return self.measured
+        return int(self.model.weights_bytes * ESTIMATE_FACTOR)
+
+    @property
+    def memory(self) -> int:
+        """What this slot counts against the budget now."""
+        if self.state not in LOADED_STATES:
+            return 0
+        real = self.handle.info.get("memory_bytes") if self.handle else None
+        return max(real or 0, self.estimate if self.state == "loading" else 0) or self.estimate
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and not self.waiters
+
+
+class Lease:
+    """A request's hold on a ready worker; released exactly once."""
+
+    def __init__(self, pool: ModelPool, slot: Slot, handle: WorkerHandle) -> None:
+        self.pool, self.slot, self.handle = pool, slot, handle
+        self._released = False
+
+    def release(self, served: bool = True) -> None:
+        if not self._released:
+            self._released = True
+            self.pool._release(self.slot, served)
 
 
 class Generation:
@@ -28,8 +109,9 @@ class Generation:
     a worker failure mid-stream raises the matching ServiceError.
     """
 
-    def __init__(self, handle: WorkerHandle, resolved: Resolved, requests: list[GenerationRequest]):
-        self.handle = handle
+    def __init__(self, lease: Lease, resolved: Resolved, requests: list[GenerationRequest]):
+        self.lease = lease
+        self.handle = lease.handle
         self.resolved = resolved
         self.requests = requests
         self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -41,22 +123,25 @@ class Generation:
     async def start(self) -> None:
         """Submit every choice and wait until the worker accepted all prompts, so that a bad
         prompt still gets a plain HTTP error before any streaming starts."""
-        for i, req in enumerate(self.requests):
-            rid = self.handle.submit(req.payload(), self.queue.put_nowait)
-            self._index[rid] = i
-            self._open.add(rid)
-        waiting = set(self._open)
-        while waiting:
-            ev = await self.queue.get()
-            if ev[0] == "s":
-                self.prompt_tokens[self._index[ev[1]]] = ev[2]
-                waiting.discard(ev[1])
-            elif ev[0] == "e":
-                self._open.discard(ev[1])
-                self.close()
-                raise _error(ev)
-            else:
-                self._early.append(ev)
+        try:
+            for i, req in enumerate(self.requests):
+                rid = self.handle.submit(req.payload(), self.queue.put_nowait)
+                self._index[rid] = i
+                self._open.add(rid)
+            waiting = set(self._open)
+            while waiting:
+                ev = await self.queue.get()
+                if ev[0] == "s":
+                    self.prompt_tokens[self._index[ev[1]]] = ev[2]
+                    waiting.discard(ev[1])
+                elif ev[0] == "e":
+                    self._open.discard(ev[1])
+                    raise _error(ev)
+                else:
+                    self._early.append(ev)
+        except BaseException:
+            self.close()
+            raise
 
     async def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
         for ev in self._early:
@@ -69,6 +154,7 @@ class Generation:
                 self.close()
                 raise _error(ev)
             yield self._translate(ev)
+        self.close()
 
     def _translate(self, ev: tuple[Any, ...]) -> tuple[Any, ...]:
         if ev[0] == "f":
@@ -76,10 +162,12 @@ class Generation:
         return (ev[0], self._index[ev[1]], *ev[2:])
 
     def close(self) -> None:
-        """Cancel whatever has not finished (the client went away, or another choice failed)."""
+        """Cancel whatever has not finished (the client went away, or another choice failed)
+        and give the worker back. Safe to call more than once."""
         for rid in self._open:
             self.handle.cancel(rid)
         self._open.clear()
+        self.lease.release()
 
     async def collect(self) -> list[Choice]:
         choices = [Choice(i) for i in range(len(self.requests))]
@@ -105,73 +193,419 @@ def _error(ev: tuple[Any, ...]) -> errors.ServiceError:
     return cls(ev[3])
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 class ModelPool:
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
-        self.workers: dict[str, WorkerHandle] = {}
-        self._loads: dict[str, asyncio.Task[WorkerHandle]] = {}
-        self.load_counts: dict[str, int] = {}  # loads started per model, ever
+        self.slots: dict[str, Slot] = {}
+        self.budget = settings.memory_budget_bytes(psutil.virtual_memory().total)
+        self.default_ttl = settings.idle_ttl or None  # 0 disables the idle TTL
+        self._admit = asyncio.Lock()  # one load at a time passes the budget check
+        self._changed: asyncio.Future[None] | None = None
+        self._closing = False
+
+    # Names ----------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> Resolved:
-        return self.catalog.resolve(name)
-
-    async def acquire(self, resolved: Resolved) -> WorkerHandle:
-        """A ready worker for this model, loading it if needed: once, however many ask."""
-        key = resolved.key
-        handle = self.workers.get(key)
-        if handle is not None and handle.state == "ready":
-            return handle
-        task = self._loads.get(key)
-        if task is None:
-            task = asyncio.create_task(self._load(resolved))
-            self._loads[key] = task
-            task.add_done_callback(lambda _t: self._loads.pop(key, None))
-        # shield: one waiter going away (client disconnect) must not cancel everyone's load
-        return await asyncio.shield(task)
-
-    async def _load(self, resolved: Resolved) -> WorkerHandle:
-        key = resolved.key
-        old = self.workers.pop(key, None)
-        if old is not None:
-            await old.stop()
-        handle = WorkerHandle(resolved.model, {"batch_size": self.settings.batch_size})
-        self.load_counts[key] = self.load_counts.get(key, 0) + 1
-        self.workers[key] = handle
+        """Name -> model (and profile), enforcing the allow-list: a forbidden name is 403 and
+        loads nothing, and does not reveal whether it exists."""
+        patterns = self.settings.allowed_models
         try:
-            await handle.start(self.settings.load_timeout)
-        except BaseException:
-            if self.workers.get(key) is handle:
-                del self.workers[key]
-            await handle.stop()
+            resolved = self.catalog.resolve(name)
+        except errors.ModelNotFound:
+            if patterns and not self.allowed(name):
+                raise self._forbidden(name) from None
             raise
-        return handle
+        if patterns and not (self.allowed(name) or self.allowed(resolved.model.id)):
+            raise self._forbidden(name)
+        return resolved
 
-    async def generate(self, name: str, requests: list[GenerationRequest]) -> Generation:
+    def allowed(self, name: str) -> bool:
+        patterns = self.settings.allowed_models
+        return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    def _forbidden(self, name: str) -> errors.PermissionDenied:
+        return errors.PermissionDenied(
+            f"The model '{name}' is not allowed on this server (MLX_MANAGER_ALLOWED_MODELS).",
+            param="model",
+        )
+
+    def _slot(self, resolved: Resolved) -> Slot:
+        slot = self.slots.get(resolved.key)
+        if slot is None:
+            slot = self.slots[resolved.key] = Slot(resolved.key, resolved.model)
+        elif slot.state not in LOADED_STATES:
+            slot.model = resolved.model  # the files may have changed since it was last loaded
+        profile = resolved.profile or {}
+        if profile.get("pinned"):
+            slot.pinned = True
+        if profile.get("ttl") is not None:
+            slot.ttl = float(profile["ttl"]) or None  # a profile TTL of 0 means forever
+        return slot
+
+    # Requests -------------------------------------------------------------------------------
+
+    async def generate(
+        self, name: str, requests: list[GenerationRequest], keep_alive: float | None = None
+    ) -> Generation:
         resolved = self.resolve(name)
         default_max = self.settings.default_max_tokens
         reqs = [r.with_defaults(resolved.profile, default_max) for r in requests]
-        handle = await self.acquire(resolved)
-        generation = Generation(handle, resolved, reqs)
+        lease = await self.acquire(resolved, keep_alive)
+        generation = Generation(lease, resolved, reqs)
         await generation.start()
         return generation
 
-    def reap(self) -> None:
-        """Forget workers that died, so the next request for their model starts a fresh one."""
-        for key, handle in list(self.workers.items()):
-            if handle.state in ("failed", "stopped") and key not in self._loads:
-                del self.workers[key]
+    async def acquire(self, resolved: Resolved, keep_alive: float | None = None) -> Lease:
+        """A lease on a ready worker for this model: at once if it is ready, else after it
+        loads (once, however many wait). Cancelling the wait leaves the queue."""
+        if self._closing:
+            raise errors.ModelUnavailable("The server is shutting down.")
+        slot = self._slot(resolved)
+        if keep_alive is not None:
+            slot.keep_alive = keep_alive
+        # Waiting: for a load or a drain, or inside the worker beyond its batch width.
+        queued = len(slot.waiters) + max(0, slot.active - self.settings.batch_size)
+        if queued >= self.settings.max_queue:
+            raise errors.TooManyRequests(
+                f"Model '{slot.model.id}' has {queued} requests waiting (the limit is "
+                f"{self.settings.max_queue}, MLX_MANAGER_MAX_QUEUE). Retry shortly."
+            )
+        if slot.state == "ready":
+            return self._lease(slot)
+        waiter: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
+        slot.waiters.append(waiter)
+        self._ensure_loading(slot)
+        try:
+            handle = await waiter
+        except asyncio.CancelledError:
+            if waiter in slot.waiters:
+                slot.waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(slot)  # granted in the same instant the client left
+            raise
+        return Lease(self, slot, handle)
+
+    def _lease(self, slot: Slot) -> Lease:
+        assert slot.handle is not None
+        self._cancel_ttl(slot)
+        slot.active += 1
+        slot.last_used = time.time()
+        return Lease(self, slot, slot.handle)
+
+    def _release(self, slot: Slot, served: bool = True) -> None:
+        slot.active -= 1
+        slot.served += served
+        slot.last_used = time.time()
+        if slot.active == 0:
+            if slot.state == "draining":
+                self._start_unload(slot, "drained")
+            elif slot.state == "ready" and not slot.waiters:
+                self._schedule_ttl(slot)
+        self._notify()
+
+    # Loading --------------------------------------------------------------------------------
+
+    def _ensure_loading(self, slot: Slot) -> None:
+        if slot.load_task is None and slot.state in ("unloaded", "failed"):
+            slot.load_task = asyncio.create_task(self._load(slot))
+
+    async def _load(self, slot: Slot) -> None:
+        try:
+            async with self._admit:
+                await self._make_room(slot)
+                slot.state, slot.error = "loading", None
+                slot.loads += 1
+                handle = WorkerHandle(
+                    slot.model, {"batch_size": self.settings.batch_size}, self._on_worker_exit
+                )
+                slot.handle = handle
+            await handle.start(self.settings.load_timeout)
+        except BaseException as e:
+            failed = slot.handle
+            slot.state, slot.handle = "failed", None
+            slot.error = e.message if isinstance(e, errors.ServiceError) else repr(e)
+            err = (
+                e
+                if isinstance(e, errors.ServiceError)
+                else errors.ModelUnavailable(
+                    f"Model '{slot.model.id}' could not be loaded: {slot.error}"
+                )
+            )
+            self._fail_waiters(slot, err)
+            if failed is not None:
+                await failed.stop("its load failed")
+            self._notify()
+            if not isinstance(e, Exception):
+                raise
+            return
+        finally:
+            slot.load_task = None
+        slot.state, slot.loaded_at = "ready", time.time()
+        slot.measured = handle.info.get("memory_bytes") or slot.measured
+        log.info(
+            "%s ready: %s, %.2fs",
+            slot.model.id,
+            _gb(slot.memory),
+            handle.info.get("load_seconds", 0),
+        )
+        # Grant every waiter now, in one step: a fresh model serves its queue before any other
+        # load can drain it.
+        while slot.waiters:
+            waiter = slot.waiters.popleft()
+            if not waiter.done():
+                slot.active += 1
+                waiter.set_result(handle)
+        if slot.active == 0:
+            self._schedule_ttl(slot)
+        self._notify()
+
+    def _fail_waiters(self, slot: Slot, err: Exception) -> None:
+        while slot.waiters:
+            waiter = slot.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(err)
+
+    async def _make_room(self, slot: Slot) -> None:
+        """Wait until `slot` fits the budget and the count limit, evicting as needed. Called
+        with the admission lock held, so no other load decides at the same time."""
+        need = slot.estimate
+        if need > self.budget:
+            raise errors.InsufficientMemory(
+                f"Model '{slot.model.id}' needs about {_gb(need)}, more than the whole memory "
+                f"budget of {_gb(self.budget)} (MLX_MANAGER_MEMORY_BUDGET). Nothing was unloaded."
+            )
+        limit = self.settings.max_loaded_models
+        while True:
+            others = [s for s in self.slots.values() if s is not slot and s.state in LOADED_STATES]
+            used = sum(s.memory for s in others)
+            if used + need <= self.budget and (limit is None or len(others) < limit):
+                return
+            evictable = sorted(
+                (s for s in others if s.state == "ready" and not s.pinned),
+                key=lambda s: s.last_used,
+            )
+            idle = [s for s in evictable if s.idle]
+            if idle:
+                log.info(
+                    "evicting %s (least recently used) to load %s", idle[0].model.id, slot.model.id
+                )
+                await self._unload(idle[0], "evicted to make room")
+                continue
+            if evictable:
+                # Everything unpinned is busy: drain the least recently used, then retry.
+                log.info("draining %s to make room for %s", evictable[0].model.id, slot.model.id)
+                evictable[0].state = "draining"
+                self._cancel_ttl(evictable[0])
+            elif not any(s.state in ("draining", "loading") for s in others):
+                pinned = sum(s.memory for s in others if s.pinned)
+                raise errors.InsufficientMemory(
+                    f"Model '{slot.model.id}' needs about {_gb(need)}, but pinned models hold "
+                    f"{_gb(pinned)} of the {_gb(self.budget)} budget"
+                    + (f" and the limit is {limit} loaded models" if limit else "")
+                    + ". Unload a pinned model or raise the budget."
+                )
+            await self._wait_for_change()
+
+    # Unloading ------------------------------------------------------------------------------
+
+    def _start_unload(self, slot: Slot, reason: str, force: bool = False) -> asyncio.Task[None]:
+        """The slot's one unload task: an eviction and a TTL expiry never both stop it."""
+        if slot.unload_task is None:
+            slot.unload_task = asyncio.create_task(self._stop_worker(slot, reason, force))
+        return slot.unload_task
+
+    async def _unload(self, slot: Slot, reason: str, force: bool = False) -> None:
+        """Stop the slot's worker and wait until its process has exited."""
+        await asyncio.shield(self._start_unload(slot, reason, force))
+
+    async def _stop_worker(self, slot: Slot, reason: str, force: bool) -> None:
+        try:
+            handle = slot.handle
+            if handle is None or slot.state not in ("ready", "draining"):
+                return
+            slot.state = "draining"
+            self._cancel_ttl(slot)
+            log.info("unloading %s: %s", slot.model.id, reason)
+            await handle.stop("it was force-unloaded" if force else reason)
+            if slot.handle is handle:
+                slot.state, slot.handle, slot.loaded_at = "unloaded", None, None
+        finally:
+            slot.unload_task = None
+            self._notify()
+        if slot.waiters and not self._closing:
+            self._ensure_loading(slot)  # requests that arrived while it drained
+
+    def _on_worker_exit(self, handle: WorkerHandle) -> None:
+        """A worker died on its own (killed, out of memory): forget it, keep the pool exact."""
+        for slot in self.slots.values():
+            if slot.handle is handle and slot.state in ("ready", "draining"):
+                slot.crashes += 1
+                slot.state, slot.handle, slot.loaded_at = "failed", None, None
+                slot.error = handle.error
+                self._cancel_ttl(slot)
+                self._notify()
+                if slot.waiters:
+                    self._ensure_loading(slot)
+
+    # Idle TTL ---------------------------------------------------------------------------------
+
+    def _ttl(self, slot: Slot) -> float | None:
+        """Seconds the slot may stay idle; None: forever."""
+        if slot.pinned:
+            return None
+        if slot.keep_alive is not None:
+            return None if slot.keep_alive < 0 else slot.keep_alive
+        return slot.ttl if slot.ttl is not None else self.default_ttl
+
+    def _schedule_ttl(self, slot: Slot) -> None:
+        self._cancel_ttl(slot)
+        ttl = self._ttl(slot)
+        if ttl is not None:
+            loop = asyncio.get_running_loop()
+            slot.ttl_timer = loop.call_later(ttl, self._expire, slot)
+
+    def _cancel_ttl(self, slot: Slot) -> None:
+        if slot.ttl_timer is not None:
+            slot.ttl_timer.cancel()
+            slot.ttl_timer = None
+
+    def _expire(self, slot: Slot) -> None:
+        slot.ttl_timer = None
+        if slot.state == "ready" and slot.idle and not slot.pinned:
+            self._start_unload(slot, f"idle for {self._ttl(slot) or 0:g}s")
+
+    # Change notification ----------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    async def _wait_for_change(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._changed)
+
+    # Explicit control (service layer for HTTP, MCP and CLI) -----------------------------------
+
+    async def load(self, name: str, on_progress: Progress | None = None) -> dict[str, Any]:
+        """Load a model (if needed) and keep it: its idle TTL starts now."""
+        resolved = self.resolve(name)
+        slot = self._slot(resolved)
+        if on_progress is not None and slot.state != "ready":
+            await _maybe_await(on_progress("loading", 0.0))
+        (await self.acquire(resolved)).release(served=False)
+        if on_progress is not None:
+            await _maybe_await(on_progress("ready", 1.0))
+        return self.slot_status(slot)
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Unload a model: gracefully (its running requests finish first) or, with force, at
+        once (they fail with a clear error). Unloading a model that is not loaded succeeds."""
+        resolved = self.resolve(name)
+        slot = self.slots.get(resolved.key)
+        if slot is None or slot.state not in LOADED_STATES:
+            return {
+                "model": resolved.model.id,
+                "was_loaded": False,
+                "message": f"Model '{resolved.model.id}' is not loaded.",
+            }
+        if slot.load_task is not None:
+            await asyncio.shield(slot.load_task)
+        freed = slot.memory
+        if force or slot.active == 0:
+            await self._unload(slot, "unloaded on request", force=force)
+        else:
+            slot.state = "draining"
+            self._cancel_ttl(slot)
+            while slot.state == "draining":
+                await self._wait_for_change()
+        return {
+            "model": resolved.model.id,
+            "was_loaded": True,
+            "freed_bytes": freed,
+            "message": f"Model '{resolved.model.id}' was unloaded.",
+        }
+
+    async def preload(self, names: list[str]) -> None:
+        """Load and pin models at startup; a failure is logged, not fatal."""
+        for name in names:
+            try:
+                self._slot(self.resolve(name)).pinned = True
+                await self.load(name)
+            except errors.ServiceError as e:
+                log.error("could not preload %s: %s", name, e.message)
 
     def is_loaded(self, resolved: Resolved) -> bool:
-        handle = self.workers.get(resolved.key)
-        return handle is not None and handle.state == "ready"
+        slot = self.slots.get(resolved.key)
+        return slot is not None and slot.state == "ready"
+
+    def memory_used(self) -> int:
+        return sum(s.memory for s in self.slots.values())
+
+    def slot_status(self, slot: Slot) -> dict[str, Any]:
+        now = time.time()
+        handle = slot.handle
+        ttl = self._ttl(slot)
+        ttl_left = None
+        if slot.state == "ready" and slot.idle and ttl is not None:
+            ttl_left = round(max(0.0, slot.last_used + ttl - now), 3)
+        return {
+            "model": slot.model.id,
+            "path": str(slot.model.path),
+            "state": slot.state,
+            "pid": handle.pid if handle else None,
+            "pinned": slot.pinned,
+            "memory_bytes": slot.memory,
+            "estimated_bytes": slot.estimate,
+            "uptime_seconds": round(now - slot.loaded_at, 3) if slot.loaded_at else None,
+            "idle_seconds": round(now - slot.last_used, 3) if slot.active == 0 else 0.0,
+            "ttl_seconds": ttl,
+            "ttl_remaining_seconds": ttl_left,
+            "in_flight": slot.active,
+            "queued": len(slot.waiters),
+            "requests_served": slot.served,
+            "loads": slot.loads,
+            "crashes": slot.crashes,
+            "worker_active": handle.worker_active if handle else 0,
+            "generated_tokens": handle.generated_tokens if handle else 0,
+            "context_length": handle.info.get("context_length") if handle else None,
+            "error": slot.error,
+        }
 
     def status(self) -> list[dict[str, Any]]:
-        self.reap()
-        return [{**h.status(), "loads": self.load_counts[k]} for k, h in self.workers.items()]
+        """Every model the pool has touched that is loaded, loading, draining or failed."""
+        return [self.slot_status(s) for s in self.slots.values() if s.state != "unloaded"]
 
-    async def close(self) -> None:
-        for task in list(self._loads.values()):
-            task.cancel()
-        handles, self.workers = list(self.workers.values()), {}
-        await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        """Stop every worker: refuse new requests, give running ones `drain_seconds`, then stop."""
+        self._closing = True
+        deadline = time.monotonic() + drain_seconds
+        while any(s.active for s in self.slots.values()) and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self._wait_for_change(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        for slot in self.slots.values():
+            self._cancel_ttl(slot)
+            if slot.load_task is not None:
+                slot.load_task.cancel()
+            self._fail_waiters(slot, errors.ModelUnavailable("The server is shutting down."))
+        await asyncio.gather(
+            *(
+                s.handle.stop("the server is shutting down")
+                for s in self.slots.values()
+                if s.handle is not None
+            ),
+            return_exceptions=True,
+        )
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if value is not None:
+        await value

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from config.settings import parse_duration
 from gateway.generation import GenerationRequest
 
 MAX_CHOICES = 16
@@ -53,6 +54,22 @@ class _Sampling(_Body):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     user: str | None = None
+    # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 300;
+    # 0 unloads it right after, a negative value keeps it loaded).
+    keep_alive: float | str | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: float | str | None) -> float | str | None:
+        try:
+            parse_duration(v)
+        except ValueError:
+            raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
+        return v
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        return parse_duration(self.keep_alive)
 
     @property
     def stops(self) -> list[str]:

@@ -259,7 +259,9 @@ class Engine:
         state = (len(self.seqs), self.generated_total)
         if self.reported is None or state[0] != self.reported[0]:
             self.reported = state
-            self.conn.send([("a", *state)])
+            # MLX's own figure: weights, KV caches and its buffer cache, what the budget counts.
+            memory = self.mx.get_active_memory() + self.mx.get_cache_memory()
+            self.conn.send([("a", *state, memory)])
 
 
 def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
@@ -283,7 +285,7 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
             {
                 "pid": os.getpid(),
                 "load_seconds": time.perf_counter() - started,
-                "memory_bytes": int(mx.get_active_memory()),
+                "memory_bytes": int(mx.get_active_memory() + mx.get_cache_memory()),
                 "context_length": context,
             },
         )

@@ -352,7 +352,8 @@ def test_model_that_fails_to_load_gives_503_and_others_carry_on(
         assert e.value.status_code == 503
         assert "broken" in e.value.message and "failed to load" in e.value.message
     assert chat(client, "tiny-a", max_tokens=2).choices[0].message.content is not None
-    assert server.worker("broken") is None  # no ghost entry
+    w = server.worker("broken")  # listed as failed, with the reason, never as loaded
+    assert w["state"] == "failed" and "failed to load" in w["error"] and w["pid"] is None
 
 
 def test_unknown_route_and_method_are_json(server: Server) -> None:
