@@ -18,7 +18,9 @@ from config.store import Store
 from gateway import openai_api
 from gateway.catalog import Catalog
 from gateway.errors import ServiceError
+from gateway.openai_api import parse_body
 from gateway.pool import ModelPool
+from gateway.schemas import LoadBody, UnloadBody
 
 log = logging.getLogger("mlx_manager")
 
@@ -32,7 +34,24 @@ async def health(request: Request) -> Response:
 
 async def workers(request: Request) -> Response:
     """Loaded workers with their state: the HTTP face of the pool's status."""
-    return JSONResponse({"data": request.app.state.pool.status()})
+    pool: ModelPool = request.app.state.pool
+    return JSONResponse(
+        {
+            "data": pool.status(),
+            "memory_budget_bytes": pool.budget,
+            "memory_used_bytes": pool.memory_used(),
+        }
+    )
+
+
+async def load_model(request: Request) -> Response:
+    body = await parse_body(request, LoadBody)
+    return JSONResponse(await request.app.state.pool.load(body.model))
+
+
+async def unload_model(request: Request) -> Response:
+    body = await parse_body(request, UnloadBody)
+    return JSONResponse(await request.app.state.pool.unload(body.model, force=body.force))
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
@@ -91,6 +110,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai_api.completions, methods=["POST"]),
         Route("/admin/workers", workers),
+        Route("/admin/load", load_model, methods=["POST"]),
+        Route("/admin/unload", unload_model, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,

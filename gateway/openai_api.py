@@ -64,7 +64,7 @@ def model_entries(pool: ModelPool) -> list[dict[str, Any]]:
     """Every name a request can use: local models, then profiles (marked `owned_by: profile`)."""
     loaded = {s["path"] for s in pool.status() if s["state"] == "ready"}
     entries = []
-    models = pool.catalog.models()
+    models = [m for m in pool.catalog.models() if pool.allowed(m.id)]
     for m in models:
         entries.append(
             {
@@ -81,6 +81,8 @@ def model_entries(pool: ModelPool) -> list[dict[str, Any]]:
     paths = {m.id: str(m.path) for m in models}
     for p in pool.catalog.store.profiles():
         for name in (p["name"], *p["aliases"]):
+            if not (pool.allowed(name) or pool.allowed(p["model"])):
+                continue
             entries.append(
                 {
                     "id": name,

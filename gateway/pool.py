@@ -188,6 +188,10 @@ class Generation:
         return choices
 
 
+class LoadAbandoned(Exception):
+    """Nobody waits for this load any more."""
+
+
 def _error(ev: tuple[Any, ...]) -> errors.ServiceError:
     cls = getattr(errors, ev[2], errors.ServiceError)
     return cls(ev[3])
@@ -285,6 +289,7 @@ class ModelPool:
         except asyncio.CancelledError:
             if waiter in slot.waiters:
                 slot.waiters.remove(waiter)
+                self._notify()  # a load waiting for room may now have nobody to load for
             elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release(slot)  # granted in the same instant the client left
             raise
@@ -325,6 +330,10 @@ class ModelPool:
                 )
                 slot.handle = handle
             await handle.start(self.settings.load_timeout)
+        except LoadAbandoned:
+            slot.state = "unloaded"
+            self._notify()
+            return
         except BaseException as e:
             failed = slot.handle
             slot.state, slot.handle = "failed", None
@@ -380,7 +389,17 @@ class ModelPool:
                 f"budget of {_gb(self.budget)} (MLX_MANAGER_MEMORY_BUDGET). Nothing was unloaded."
             )
         limit = self.settings.max_loaded_models
+        drained: list[Slot] = []  # slots this load put in draining, to undo if it is abandoned
         while True:
+            if not slot.waiters:
+                # Every request that wanted this model left while it waited for room: do not
+                # load it, and let the models drained for it carry on.
+                for other in drained:
+                    if other.state == "draining" and other.unload_task is None:
+                        other.state = "ready"
+                        if other.idle:
+                            self._schedule_ttl(other)
+                raise LoadAbandoned
             others = [s for s in self.slots.values() if s is not slot and s.state in LOADED_STATES]
             used = sum(s.memory for s in others)
             if used + need <= self.budget and (limit is None or len(others) < limit):
@@ -401,6 +420,7 @@ class ModelPool:
                 log.info("draining %s to make room for %s", evictable[0].model.id, slot.model.id)
                 evictable[0].state = "draining"
                 self._cancel_ttl(evictable[0])
+                drained.append(evictable[0])
             elif not any(s.state in ("draining", "loading") for s in others):
                 pinned = sum(s.memory for s in others if s.pinned)
                 raise errors.InsufficientMemory(
@@ -579,8 +599,10 @@ class ModelPool:
         }
 
     def status(self) -> list[dict[str, Any]]:
-        """Every model the pool has touched that is loaded, loading, draining or failed."""
-        return [self.slot_status(s) for s in self.slots.values() if s.state != "unloaded"]
+        """Models that are loaded, loading, draining or failed, or have requests waiting."""
+        return [
+            self.slot_status(s) for s in self.slots.values() if s.state != "unloaded" or s.waiters
+        ]
 
     async def close(self, drain_seconds: float = 0.0) -> None:
         """Stop every worker: refuse new requests, give running ones `drain_seconds`, then stop."""

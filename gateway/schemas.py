@@ -148,3 +148,11 @@ class CompletionRequest(_Sampling):
             for prompt in self.prompts
             for seed in self._seeds(self.n)
         ]
+
+
+class LoadBody(_Body):
+    model: Annotated[str, Field(min_length=1)]
+
+
+class UnloadBody(LoadBody):
+    force: bool = False

@@ -35,6 +35,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     # Distinct seeds make distinct models: routing mistakes show up as different text.
     for name, seed in (("tiny-a", 0), ("tiny-b", 1), ("tiny-c", 2), ("tiny-d", 3)):
         build_model(folder / name, ModelSpec(seed=seed))
+    # About ten times the weights of the others, for memory-budget tests.
+    build_model(folder / "tiny-big", ModelSpec(hidden_size=256, intermediate_size=512, seed=4))
     # A folder that claims to be a model but has no weights: loading it must fail cleanly.
     (folder / "broken").mkdir()
     (folder / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))
