@@ -49,6 +49,7 @@ class Settings:
     preload: list[str] = field(default_factory=list)  # loaded at startup and pinned
     max_queue: int = 256  # requests waiting per model before 429
     allowed_models: list[str] = field(default_factory=list)  # glob patterns; empty: all
+    warm_spare: bool = True  # keep one worker process with MLX imported, for fast cold loads
 
     @property
     def db_path(self) -> Path:
@@ -151,6 +152,13 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
+    if name == "warm_spare":
+        if isinstance(value, bool):
+            return value
+        flag = str(value).strip().lower()
+        if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError
+        return flag in ("1", "true", "yes", "on")
     if name == "memory_budget":
         parse_size(str(value), 1)  # validate now: a typo should stop startup, not a request
         return str(value)

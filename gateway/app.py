@@ -40,6 +40,7 @@ async def workers(request: Request) -> Response:
             "data": pool.status(),
             "memory_budget_bytes": pool.budget,
             "memory_used_bytes": pool.memory_used(),
+            "spare": pool.spare_status(),
         }
     )
 
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         store = Store(settings.db_path)
         pool = ModelPool(settings, Catalog(settings, store))
         app.state.settings, app.state.store, app.state.pool = settings, store, pool
+        pool.start()
         # Pinned models (MLX_MANAGER_PRELOAD and pinned profiles) load in the background:
         # the server answers at once, and requests for them wait for their load.
         pinned = [*settings.preload, *(p["name"] for p in store.profiles() if p["pinned"])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import sys
 
 from config.settings import Settings, SettingsError, load_settings
@@ -30,6 +31,19 @@ def ensure_demo_model(settings: Settings) -> str | None:
     return DEMO_MODEL
 
 
+def setup_logging(settings: Settings) -> None:
+    """Log to the terminal and to MLX_MANAGER_HOME/logs/mlx-manager.log (rotated)."""
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    file = logging.handlers.RotatingFileHandler(
+        settings.logs_dir / "mlx-manager.log", maxBytes=10_000_000, backupCount=3
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.StreamHandler(), file],
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -43,9 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "model_dirs": args.model_dir or None,
         }
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings)
     if not args.no_demo:
         ensure_demo_model(settings)
     print(f"mlx-manager serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)

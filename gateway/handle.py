@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import socket
 import subprocess
@@ -21,6 +20,40 @@ from gateway.hub import LocalModel
 log = logging.getLogger("mlx_manager.worker")
 _rids = itertools.count()
 Sink = Callable[[tuple[Any, ...]], None]
+
+
+class WorkerProcess:
+    """A started worker process that has no model yet: it imports MLX, then waits."""
+
+    def __init__(self) -> None:
+        # A fresh interpreter running `-m gateway.worker` (not multiprocessing's spawn, which
+        # re-imports the parent's __main__ in the child).
+        ours, theirs = socket.socketpair()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "gateway.worker", "--fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()  # so the socket reports EOF when the worker exits
+        self.conn = Connection(ours.detach())
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def warm(self) -> bool:
+        """Its imports are done: its "warm" message waits to be read."""
+        return self.alive and self.conn.poll()
+
+    def discard(self) -> None:
+        """Close our end (the worker then exits on its own) and make sure it does."""
+        self.conn.close()
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
 
 
 class WorkerHandle:
@@ -55,30 +88,14 @@ class WorkerHandle:
     def in_flight(self) -> int:
         return len(self._sinks)
 
-    async def start(self, timeout: float) -> None:
-        """Spawn the worker and wait until its model is loaded (ModelUnavailable if it fails)."""
-        # A fresh interpreter running `-m gateway.worker` (not multiprocessing's spawn, which
-        # re-imports the parent's __main__ in the child); `ps` shows which model it serves.
-        ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.worker",
-                "--fd",
-                str(theirs.fileno()),
-                "--model",
-                str(self.model.path),
-                "--options",
-                json.dumps(self.options),
-            ],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()  # so the socket reports EOF when the worker exits
+    async def start(self, timeout: float, process: WorkerProcess | None = None) -> None:
+        """Load the model in `process` (a warm one) or a new one, and wait until it is ready
+        (ModelUnavailable if it fails)."""
+        process = process if process is not None and process.alive else WorkerProcess()
+        self._proc, self._conn = process.popen, process.conn
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        self._conn = Connection(ours.detach())
+        self._conn.send(("load", str(self.model.path), self.options))
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
@@ -134,6 +151,8 @@ class WorkerHandle:
                     self.requests_served += tag == "f"
                     self.last_used = time.time()
                 sink(ev)
+        elif msg[0] == "warm":
+            pass  # imports done; the load message is already on its way
         elif msg[0] == "ready":
             self.info = msg[1]
             self.state = "ready"

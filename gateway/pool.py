@@ -33,7 +33,7 @@ from config.settings import Settings
 from gateway import errors
 from gateway.catalog import Catalog, Resolved
 from gateway.generation import Choice, GenerationRequest
-from gateway.handle import WorkerHandle
+from gateway.handle import WorkerHandle, WorkerProcess
 from gateway.hub import LocalModel
 
 log = logging.getLogger("mlx_manager.pool")
@@ -211,6 +211,26 @@ class ModelPool:
         self._admit = asyncio.Lock()  # one load at a time passes the budget check
         self._changed: asyncio.Future[None] | None = None
         self._closing = False
+        self._spare: WorkerProcess | None = None
+
+    def start(self) -> None:
+        self._replenish()
+
+    def _replenish(self) -> None:
+        """Keep one worker process warm (MLX imported, no model): a cold load then costs little
+        more than reading the weights. Started after a load, not during it, so its imports do
+        not compete with that load for the CPU."""
+        if self.settings.warm_spare and not self._closing:
+            if self._spare is None or not self._spare.alive:
+                self._spare = WorkerProcess()
+
+    def _take_spare(self) -> WorkerProcess | None:
+        spare, self._spare = self._spare, None
+        return spare if spare is not None and spare.alive else None
+
+    def spare_status(self) -> dict[str, Any] | None:
+        spare = self._spare
+        return {"pid": spare.popen.pid, "warm": spare.warm} if spare is not None else None
 
     # Names ----------------------------------------------------------------------------------
 
@@ -329,7 +349,7 @@ class ModelPool:
                     slot.model, {"batch_size": self.settings.batch_size}, self._on_worker_exit
                 )
                 slot.handle = handle
-            await handle.start(self.settings.load_timeout)
+            await handle.start(self.settings.load_timeout, self._take_spare())
         except LoadAbandoned:
             slot.state = "unloaded"
             self._notify()
@@ -354,6 +374,7 @@ class ModelPool:
             return
         finally:
             slot.load_task = None
+            self._replenish()
         slot.state, slot.loaded_at = "ready", time.time()
         slot.measured = handle.info.get("memory_bytes") or slot.measured
         log.info(

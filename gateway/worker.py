@@ -7,7 +7,6 @@ Protocol: see gateway/generation.py. Everything MLX happens on this process's ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import traceback
@@ -299,13 +298,24 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gateway.worker --fd N --model PATH`: started by the gateway, never by hand."""
+    """`python -m gateway.worker --fd N`: started by the gateway, never by hand.
+
+    It imports MLX and mlx-lm first (over a second of a model's cold start), says "warm", then
+    waits for ("load", path, options): the gateway keeps one such process ready in advance."""
     parser = argparse.ArgumentParser(prog="python -m gateway.worker")
     parser.add_argument("--fd", type=int, required=True, help="socket inherited from the gateway")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--options", default="{}")
     args = parser.parse_args(argv)
-    serve(Connection(args.fd), args.model, json.loads(args.options))
+    conn = Connection(args.fd)
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm.generate  # noqa: F401
+
+        conn.send(("warm", os.getpid()))
+        msg = conn.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        return  # the gateway went away (or shut down) before this worker was needed
+    if msg[0] == "load":
+        serve(conn, msg[1], msg[2])
 
 
 if __name__ == "__main__":

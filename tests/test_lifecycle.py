@@ -85,7 +85,8 @@ class Watch:
 
 
 def test_budget_of_one_model_alternating_requests(models: Models, tmp_path: Path) -> None:
-    with serving(models, tmp_path, max_loaded_models=1) as server:
+    # No warm spare here, so that every worker process the watch sees holds a model.
+    with serving(models, tmp_path, max_loaded_models=1, warm_spare=0) as server:
         client = openai.AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120)
 
         async def one(i: int) -> Any:
@@ -145,10 +146,11 @@ def test_memory_budget_evicts_and_refuses_what_cannot_fit(models: Models, tmp_pa
 
 
 def test_long_stream_survives_eviction_pressure_and_ttl(models: Models, tmp_path: Path) -> None:
+    # tiny-big decodes at ~360 tok/s here: its 1200-token stream runs for seconds.
     with serving(models, tmp_path, max_loaded_models=1, idle_ttl="0.3s") as server:
         client = sdk(server)
         stream = client.chat.completions.create(
-            model="tiny-a",
+            model="tiny-big",
             messages=HELLO,
             max_tokens=1200,
             temperature=0,
@@ -157,13 +159,13 @@ def test_long_stream_survives_eviction_pressure_and_ttl(models: Models, tmp_path
         )
         chunks = iter(stream)
         next(chunks)
-        # tiny-b needs tiny-a's place: it must wait for the stream instead of cutting it.
+        # tiny-b needs tiny-big's place: it must wait for the stream instead of cutting it.
         other: dict[str, Any] = {}
         t = threading.Thread(target=lambda: other.update(r=ask(server, "tiny-b")))
         t.start()
         server.wait_for(
-            lambda: (w := server.worker("tiny-a")) and w["state"] == "draining",
-            what="tiny-a to drain",
+            lambda: (w := server.worker("tiny-big")) and w["state"] == "draining",
+            what="tiny-big to drain",
         )
         rest = list(chunks)
         usage = rest[-1].usage
@@ -178,14 +180,14 @@ def test_long_stream_survives_eviction_pressure_and_ttl(models: Models, tmp_path
 
 def test_idle_ttl_unloads_and_never_during_a_request(models: Models, tmp_path: Path) -> None:
     with serving(models, tmp_path, idle_ttl="1s") as server:
-        r = ask(server, "tiny-a", max_tokens=800)  # longer than the TTL: not cut short
+        r = ask(server, "tiny-big", max_tokens=800)  # ~2 s, twice the TTL: not cut short
         assert r.choices[0].finish_reason in ("length", "stop")
-        pid = server.worker("tiny-a")["pid"]
-        assert server.worker("tiny-a")["ttl_seconds"] == 1
-        server.wait_for(lambda: gone(server, "tiny-a"), what="the idle TTL to unload tiny-a")
-        server.wait_for(lambda: not psutil.pid_exists(pid), what="the worker to exit")
-        ask(server, "tiny-a")  # and it comes back on demand
-        assert server.worker("tiny-a")["loads"] == 2
+        w = server.worker("tiny-big")
+        assert (w["loads"], w["ttl_seconds"], w["state"]) == (1, 1, "ready")
+        server.wait_for(lambda: gone(server, "tiny-big"), what="the idle TTL to unload it")
+        server.wait_for(lambda: not psutil.pid_exists(w["pid"]), what="the worker to exit")
+        ask(server, "tiny-big")  # and it comes back on demand
+        assert server.worker("tiny-big")["loads"] == 2
 
 
 def test_keep_alive(models: Models, tmp_path: Path) -> None:
@@ -244,24 +246,24 @@ def test_client_leaving_the_queue_cancels_its_load(models: Models, tmp_path: Pat
     with serving(models, tmp_path, max_loaded_models=1) as server:
         client = sdk(server)
         stream = client.chat.completions.create(
-            model="tiny-a", messages=HELLO, max_tokens=1500, temperature=0, stream=True
+            model="tiny-big", messages=HELLO, max_tokens=1500, temperature=0, stream=True
         )
         chunks = iter(stream)
         next(chunks)
-        pid = server.worker("tiny-a")["pid"]
-        with pytest.raises(httpx.ReadTimeout):  # waits for tiny-a to drain, then gives up
+        pid = server.worker("tiny-big")["pid"]
+        with pytest.raises(httpx.ReadTimeout):  # waits for tiny-big to drain, then gives up
             httpx.post(
                 server.v1 + "/chat/completions",
                 timeout=0.5,
                 json={"model": "tiny-b", "messages": HELLO, "max_tokens": 2},
             )
         server.wait_for(
-            lambda: gone(server, "tiny-b") and server.worker("tiny-a")["state"] == "ready",
+            lambda: gone(server, "tiny-b") and server.worker("tiny-big")["state"] == "ready",
             what="the abandoned load to be dropped",
         )
         rest = list(chunks)
         assert [c.choices[0].finish_reason for c in rest if c.choices][-1] in ("length", "stop")
-        assert server.worker("tiny-a")["pid"] == pid
+        assert server.worker("tiny-big")["pid"] == pid
         assert server.worker("tiny-b") is None  # never loaded
 
 
@@ -289,31 +291,49 @@ def test_explicit_load_and_unload(models: Models, tmp_path: Path) -> None:
         assert admin(server, "unload", model="nope").status_code == 404
 
         # Graceful: the running stream finishes; a request arriving meanwhile waits for the
-        # reload rather than failing.
+        # reload rather than failing. (tiny-big: its stream lasts seconds.)
         stream = sdk(server).chat.completions.create(
-            model="tiny-a", messages=HELLO, max_tokens=600, stream=True
+            model="tiny-big", messages=HELLO, max_tokens=1200, stream=True
         )
         chunks = iter(stream)
         next(chunks)
         done: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: done.update(r=admin(server, "unload", model="tiny-a")))
+        t = threading.Thread(
+            target=lambda: done.update(r=admin(server, "unload", model="tiny-big"))
+        )
         t.start()
-        server.wait_for(lambda: server.worker("tiny-a")["state"] == "draining", what="draining")
-        late = ask(server, "tiny-a")
+        server.wait_for(
+            lambda: (w := server.worker("tiny-big")) and w["state"] == "draining", what="draining"
+        )
+        late = ask(server, "tiny-big")
         assert late.choices[0].finish_reason in ("length", "stop")
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
         t.join(60)
         assert done["r"].json()["was_loaded"] is True
-        assert server.worker("tiny-a")["loads"] == 2
+        assert server.worker("tiny-big")["loads"] == 2
 
         # Forced: the running stream ends with a clear error.
         stream = sdk(server).chat.completions.create(
-            model="tiny-a", messages=HELLO, max_tokens=3000, stream=True
+            model="tiny-big", messages=HELLO, max_tokens=1500, stream=True
         )
         chunks = iter(stream)
         next(chunks)
-        assert admin(server, "unload", model="tiny-a", force=True).json()["was_loaded"]
+        assert admin(server, "unload", model="tiny-big", force=True).json()["was_loaded"]
         with pytest.raises(openai.APIError) as e:
             list(chunks)
         assert "force-unloaded" in str(e.value.message)
-        assert gone(server, "tiny-a")
+        assert gone(server, "tiny-big")
+
+
+def test_cold_load_uses_the_warm_spare(models: Models, tmp_path: Path) -> None:
+    with serving(models, tmp_path) as server:
+        status = lambda: httpx.get(server.url + "/admin/workers").json()  # noqa: E731
+        spare = server.wait_for(
+            lambda: (s := status()["spare"]) and s["warm"] and s["pid"], what="a warm spare"
+        )
+        assert admin(server, "load", model="tiny-a").json()["pid"] == spare
+        # A new spare replaces it once the load is done.
+        new = server.wait_for(
+            lambda: (s := status()["spare"]) and s["warm"] and s["pid"], what="a new warm spare"
+        )
+        assert new != spare and psutil.pid_exists(new)

@@ -115,6 +115,8 @@ def test_demo_model_on_a_bare_machine_and_clean_shutdown(tmp_path: Path) -> None
         r = client.chat.completions.create(model="demo-random", messages=HELLO, max_tokens=4)
         assert r.usage.completion_tokens >= 1
         assert (tmp_path / "home" / "mlx-manager.db").is_file()
+        log = (tmp_path / "home" / "logs" / "mlx-manager.log").read_text()
+        assert "demo-random ready" in log
         assert server.worker("demo-random")["state"] == "ready"
     finally:
         server.stop()  # asserts that no worker process outlives the server
