@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -147,13 +147,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
-async def _answer(
-    pool: ModelPool, body: ChatCompletionRequest | CompletionRequest
-) -> tuple[Generation, list[Choice]]:
-    gen = await pool.generate(body.model, body.generation_requests(), body.keep_alive_seconds)
-    return gen, await gen.collect()
-
-
 def _usage(gen: Generation, n: int, completion_tokens: int) -> dict[str, int]:
     prompt = sum(gen.prompt_tokens[::n])  # the prompt counts once per prompt, not per choice
     return {
@@ -189,70 +182,124 @@ def _completion_logprobs(entries: list[Any], offset: int = 0) -> dict[str, Any]:
     }
 
 
-async def _start_stream(
-    request: Request, body: ChatCompletionRequest | CompletionRequest
-) -> Generation:
-    pool = _pool(request)
-    return await _unless_disconnected(
-        request, pool.generate(body.model, body.generation_requests(), body.keep_alive_seconds)
-    )
+class _Endpoint:
+    """What differs between /v1/chat/completions and /v1/completions: the schema, object names
+    and how one choice is rendered. Everything else is shared."""
 
+    def __init__(self, schema: type[ChatCompletionRequest] | type[CompletionRequest]) -> None:
+        self.schema = schema
+        self.chat = schema is ChatCompletionRequest
+        self.prefix = "chatcmpl" if self.chat else "cmpl"
+        self.obj = "chat.completion" if self.chat else "text_completion"
+        self.chunk_obj = "chat.completion.chunk" if self.chat else "text_completion"
 
-async def chat_completions(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
-    meta = _Meta("chatcmpl", body.model)
-    try:
-        if body.stream:
-            return _sse(request, _chat_stream(await _start_stream(request, body), meta, body))
-        gen, choices = await _unless_disconnected(request, _answer(_pool(request), body))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(
-        {
-            **meta.head("chat.completion"),
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in choices
-            ],
-            "usage": _usage(gen, body.n, sum(c.completion_tokens for c in choices)),
+    def choice(self, c: Choice, body: Any) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+        return {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": _completion_logprobs(c.logprobs) if body.logprobs is not None else None,
+            "finish_reason": c.finish_reason,
         }
-    )
+
+    def chunk_renderer(self, n: int) -> Callable[[tuple[Any, ...]], str]:
+        """Renders one stream event as the JSON of one choice of a chunk (hot path)."""
+        if self.chat:
+
+            def chat(ev: tuple[Any, ...]) -> str:
+                if ev[0] == "f":
+                    return (
+                        f'{{"index": {ev[1]}, "delta": {{}}, "logprobs": null, '
+                        f'"finish_reason": "{ev[2]}"}}'
+                    )
+                lp = json.dumps(_chat_logprobs([ev[3]])) if ev[3] is not None else "null"
+                return (
+                    f'{{"index": {ev[1]}, "delta": {{"content": {json.dumps(ev[2])}}}, '
+                    f'"logprobs": {lp}, "finish_reason": null}}'
+                )
+
+            return chat
+        offsets = [0] * n  # text_offset of each choice's next token
+
+        def completion(ev: tuple[Any, ...]) -> str:
+            if ev[0] == "f":
+                return (
+                    f'{{"index": {ev[1]}, "text": "", "logprobs": null, '
+                    f'"finish_reason": "{ev[2]}"}}'
+                )
+            lp = "null"
+            if ev[3] is not None:
+                lp = json.dumps(_completion_logprobs([ev[3]], offsets[ev[1]]))
+                offsets[ev[1]] += len(ev[3][0])
+            return (
+                f'{{"index": {ev[1]}, "text": {json.dumps(ev[2])}, "logprobs": {lp}, '
+                '"finish_reason": null}'
+            )
+
+        return completion
+
+    def first_chunks(self, n: int) -> list[str]:
+        """Chat streams open each choice with the assistant role."""
+        if not self.chat:
+            return []
+        return [
+            f'{{"index": {i}, "delta": {{"role": "assistant", "content": ""}}, '
+            '"logprobs": null, "finish_reason": null}'
+            for i in range(n)
+        ]
+
+    async def handle(self, request: Request) -> Response:
+        body = await parse_body(request, self.schema)
+        pool = _pool(request)
+        meta = _Meta(self.prefix, body.model)
+        work = pool.generate(body.model, body.generation_requests(), body.keep_alive_seconds)
+        try:
+            if body.stream:
+                gen = await _unless_disconnected(request, work)
+                return EventSourceResponse(
+                    self._stream(gen, meta, body), ping=SSE_PING_SECONDS, sep="\n"
+                )
+            gen, choices = await _unless_disconnected(request, _collect(work))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        return JSONResponse(
+            {
+                **meta.head(self.obj),
+                "choices": [self.choice(c, body) for c in choices],
+                "usage": _usage(gen, body.n, sum(c.completion_tokens for c in choices)),
+            }
+        )
+
+    async def _stream(self, gen: Generation, meta: _Meta, body: Any) -> AsyncIterator[str]:
+        pre, post = meta.chunk_frame(self.chunk_obj, body.include_usage)
+        render = self.chunk_renderer(len(gen.requests))
+        tokens = 0
+        try:
+            for first in self.first_chunks(len(gen.requests)):
+                yield pre + first + post
+            async for ev in gen:
+                if ev[0] == "f":
+                    tokens += ev[3]
+                yield pre + render(ev) + post
+            if body.include_usage:
+                usage = _usage(gen, body.n, tokens)
+                yield json.dumps({**meta.head(self.chunk_obj), "choices": [], "usage": usage})
+            yield "[DONE]"
+        except ServiceError as e:  # the stream has started: the error becomes its last event
+            yield json.dumps(e.body())
+        finally:
+            gen.close()
 
 
-async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
-    meta = _Meta("cmpl", body.model)
-    try:
-        if body.stream:
-            return _sse(request, _completion_stream(await _start_stream(request, body), meta, body))
-        gen, choices = await _unless_disconnected(request, _answer(_pool(request), body))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(
-        {
-            **meta.head("text_completion"),
-            "choices": [
-                {
-                    "index": c.index,
-                    "text": c.text,
-                    "logprobs": _completion_logprobs(c.logprobs)
-                    if body.logprobs is not None
-                    else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in choices
-            ],
-            "usage": _usage(gen, body.n, sum(c.completion_tokens for c in choices)),
-        }
-    )
-
-
-# Streaming ------------------------------------------------------------------------------------
+async def _collect(work: Awaitable[Generation]) -> tuple[Generation, list[Choice]]:
+    gen = await work
+    return gen, await gen.collect()
 
 
 class _Meta:
@@ -277,82 +324,5 @@ class _Meta:
         return head + ', "choices": [', "]" + (', "usage": null}' if include_usage else "}")
 
 
-def _sse(request: Request, events: AsyncIterator[str]) -> Response:
-    return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n")
-
-
-async def _chat_stream(
-    gen: Generation, meta: _Meta, body: ChatCompletionRequest
-) -> AsyncIterator[str]:
-    pre, post = meta.chunk_frame("chat.completion.chunk", body.include_usage)
-    tokens = 0
-    try:
-        for i in range(body.n):
-            yield (
-                f'{pre}{{"index": {i}, "delta": {{"role": "assistant", "content": ""}}, '
-                f'"logprobs": null, "finish_reason": null}}{post}'
-            )
-        async for ev in gen:
-            if ev[0] == "d":
-                lp = json.dumps(_chat_logprobs([ev[3]])) if ev[3] is not None else "null"
-                yield (
-                    f'{pre}{{"index": {ev[1]}, "delta": {{"content": {json.dumps(ev[2])}}}, '
-                    f'"logprobs": {lp}, "finish_reason": null}}{post}'
-                )
-            else:
-                tokens += ev[3]
-                yield (
-                    f'{pre}{{"index": {ev[1]}, "delta": {{}}, "logprobs": null, '
-                    f'"finish_reason": "{ev[2]}"}}{post}'
-                )
-        if body.include_usage:
-            yield json.dumps(
-                {
-                    **meta.head("chat.completion.chunk"),
-                    "choices": [],
-                    "usage": _usage(gen, body.n, tokens),
-                }
-            )
-        yield "[DONE]"
-    except ServiceError as e:
-        yield json.dumps(e.body())
-    finally:
-        gen.close()
-
-
-async def _completion_stream(
-    gen: Generation, meta: _Meta, body: CompletionRequest
-) -> AsyncIterator[str]:
-    pre, post = meta.chunk_frame("text_completion", body.include_usage)
-    tokens = 0
-    offsets = [0] * len(gen.requests)
-    try:
-        async for ev in gen:
-            if ev[0] == "d":
-                lp = "null"
-                if ev[3] is not None:
-                    lp = json.dumps(_completion_logprobs([ev[3]], offsets[ev[1]]))
-                    offsets[ev[1]] += len(ev[3][0])
-                yield (
-                    f'{pre}{{"index": {ev[1]}, "text": {json.dumps(ev[2])}, '
-                    f'"logprobs": {lp}, "finish_reason": null}}{post}'
-                )
-            else:
-                tokens += ev[3]
-                yield (
-                    f'{pre}{{"index": {ev[1]}, "text": "", "logprobs": null, '
-                    f'"finish_reason": "{ev[2]}"}}{post}'
-                )
-        if body.include_usage:
-            yield json.dumps(
-                {
-                    **meta.head("text_completion"),
-                    "choices": [],
-                    "usage": _usage(gen, body.n, tokens),
-                }
-            )
-        yield "[DONE]"
-    except ServiceError as e:
-        yield json.dumps(e.body())
-    finally:
-        gen.close()
+chat_completions = _Endpoint(ChatCompletionRequest).handle
+completions = _Endpoint(CompletionRequest).handle
