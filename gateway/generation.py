@@ -33,6 +33,7 @@ class GenerationRequest:
     top_logprobs: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     context_length: int | None = None  # a profile may cap the model's own
 
     def with_defaults(

@@ -19,6 +19,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+EOS_TOKEN_ID = 2  # "</s>": the third special token the tokenizer trainer is given
+
 _WORDS = (
     "the a model answers questions about local machines memory tokens weights random "
     "hello world apple silicon gateway worker process batch stream cache profile load "
@@ -106,7 +108,7 @@ def build_model(path: str | Path, spec: ModelSpec = ModelSpec()) -> Path:
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
         "bos_token_id": 1,
-        "eos_token_id": 2,
+        "eos_token_id": EOS_TOKEN_ID,
         "torch_dtype": "float32",
     }
     mx.random.seed(spec.seed)

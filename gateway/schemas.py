@@ -53,6 +53,8 @@ class _Sampling(_Body):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    # Token id (as a string, as OpenAI takes it) -> bias added to its logit; -100 bans it.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
     # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 300;
     # 0 unloads it right after, a negative value keeps it loaded).
@@ -65,6 +67,14 @@ class _Sampling(_Body):
             parse_duration(v)
         except ValueError:
             raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
         return v
 
     @property
@@ -88,6 +98,7 @@ class _Sampling(_Body):
             "stop": self.stops,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
         }
 
     def _seeds(self, count: int) -> list[int | None]:

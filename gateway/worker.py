@@ -32,7 +32,13 @@ class _Sequence:
 
 class Engine:
     def __init__(
-        self, model: Any, tokenizer: Any, conn: Connection, context_length: int, batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        conn: Connection,
+        context_length: int,
+        batch_size: int,
+        vocab_size: int,
     ) -> None:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator, StopSequences
@@ -41,6 +47,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.conn = conn
         self.context_length = context_length
+        self.vocab_size = vocab_size
         self.gen = BatchGenerator(
             model,
             completion_batch_size=batch_size,
@@ -72,6 +79,18 @@ class Engine:
                     "ContextLengthExceeded",
                     f"This model's maximum context length is {limit} tokens, but the prompt "
                     f"has {len(prompt)} tokens. Shorten the messages or the prompt.",
+                )
+            )
+            return
+        bad = [t for t in req.get("logit_bias") or {} if t >= self.vocab_size]
+        if bad:
+            events.append(
+                (
+                    "e",
+                    rid,
+                    "InvalidRequest",
+                    f"logit_bias: token id {bad[0]} is "
+                    f"outside this model's vocabulary of {self.vocab_size} tokens.",
                 )
             )
             return
@@ -142,6 +161,7 @@ class Engine:
         from mlx_lm.sample_utils import make_logits_processors
 
         return make_logits_processors(
+            logit_bias=req.get("logit_bias") or None,
             presence_penalty=req.get("presence_penalty") or None,
             frequency_penalty=req.get("frequency_penalty") or None,
         )
@@ -290,7 +310,9 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
         )
     )
     try:
-        Engine(model, tokenizer, conn, context, int(options.get("batch_size", 32))).run()
+        cfg = config.get("text_config", config)
+        vocab = max(int(cfg.get("vocab_size") or 0), len(tokenizer))
+        Engine(model, tokenizer, conn, context, int(options.get("batch_size", 32)), vocab).run()
     except (EOFError, OSError, KeyboardInterrupt):
         pass  # the gateway went away: exit quietly
     finally:

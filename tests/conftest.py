@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 
-from gateway.model_builder import ModelSpec, build_model
+from gateway.model_builder import EOS_TOKEN_ID, ModelSpec, build_model
 from tests.server import Server, start_server
 
-__all__ = ["HF_MODEL", "Models", "Server", "start_server"]
+__all__ = ["HF_MODEL", "NO_EOS", "Models", "Server", "start_server"]
 
 HF_MODEL = "tiny-org/tiny-hf"
+# Greedy, and end-of-sequence banned: a stream that must still be running when the test looks
+# runs to max_tokens (random weights would otherwise end it early, at random).
+NO_EOS: dict[str, Any] = {"temperature": 0, "logit_bias": {str(EOS_TOKEN_ID): -100}}
 
 
 @dataclass

@@ -17,7 +17,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import Models
+from tests.conftest import NO_EOS, Models
 from tests.server import Server, start_server
 
 HELLO = [{"role": "user", "content": "hello world"}]
@@ -153,9 +153,9 @@ def test_long_stream_survives_eviction_pressure_and_ttl(models: Models, tmp_path
             model="tiny-big",
             messages=HELLO,
             max_tokens=1200,
-            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            **NO_EOS,
         )
         chunks = iter(stream)
         next(chunks)
@@ -180,7 +180,7 @@ def test_long_stream_survives_eviction_pressure_and_ttl(models: Models, tmp_path
 
 def test_idle_ttl_unloads_and_never_during_a_request(models: Models, tmp_path: Path) -> None:
     with serving(models, tmp_path, idle_ttl="1s") as server:
-        r = ask(server, "tiny-big", max_tokens=800)  # ~2 s, twice the TTL: not cut short
+        r = ask(server, "tiny-big", max_tokens=800, **NO_EOS)  # ~2 s, twice the TTL
         assert r.choices[0].finish_reason in ("length", "stop")
         w = server.worker("tiny-big")
         assert (w["loads"], w["ttl_seconds"], w["state"]) == (1, 1, "ready")
@@ -224,7 +224,7 @@ def test_queue_overflow_gives_429_with_retry_after(models: Models, tmp_path: Pat
         client = sdk(server)
         streams = [
             client.chat.completions.create(
-                model="tiny-a", messages=HELLO, max_tokens=3000, stream=True
+                model="tiny-a", messages=HELLO, max_tokens=3000, stream=True, **NO_EOS
             )
             for _ in range(3)
         ]  # one decoding, two queued in the worker
@@ -246,7 +246,7 @@ def test_client_leaving_the_queue_cancels_its_load(models: Models, tmp_path: Pat
     with serving(models, tmp_path, max_loaded_models=1) as server:
         client = sdk(server)
         stream = client.chat.completions.create(
-            model="tiny-big", messages=HELLO, max_tokens=1500, temperature=0, stream=True
+            model="tiny-big", messages=HELLO, max_tokens=1500, stream=True, **NO_EOS
         )
         chunks = iter(stream)
         next(chunks)
@@ -293,7 +293,7 @@ def test_explicit_load_and_unload(models: Models, tmp_path: Path) -> None:
         # Graceful: the running stream finishes; a request arriving meanwhile waits for the
         # reload rather than failing. (tiny-big: its stream lasts seconds.)
         stream = sdk(server).chat.completions.create(
-            model="tiny-big", messages=HELLO, max_tokens=1200, stream=True
+            model="tiny-big", messages=HELLO, max_tokens=1200, stream=True, **NO_EOS
         )
         chunks = iter(stream)
         next(chunks)
@@ -314,7 +314,7 @@ def test_explicit_load_and_unload(models: Models, tmp_path: Path) -> None:
 
         # Forced: the running stream ends with a clear error.
         stream = sdk(server).chat.completions.create(
-            model="tiny-big", messages=HELLO, max_tokens=1500, stream=True
+            model="tiny-big", messages=HELLO, max_tokens=1500, stream=True, **NO_EOS
         )
         chunks = iter(stream)
         next(chunks)

@@ -422,3 +422,21 @@ def test_concurrent_first_requests_load_once(aclient: openai.AsyncOpenAI, server
     assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
     w = server.worker("tiny-c")
     assert w["loads"] == 1 and w["requests_served"] == 12 and w["state"] == "ready"
+
+
+def test_logit_bias(client: openai.OpenAI, tokenizer_of: Any) -> None:
+    # +100 on one token makes greedy decoding pick it every time.
+    r = chat(client, temperature=0, max_tokens=5, logit_bias={"100": 100})
+    assert r.choices[0].message.content == tokenizer_of("tiny-a").decode([100] * 5)
+    assert r.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("bias", "fragment"),
+    [({"x": 1}, "token ids"), ({"5": 101}, "100"), ({"99999": -100}, "outside")],
+)
+def test_logit_bias_errors(server: Server, bias: dict, fragment: str) -> None:
+    body = {"model": "tiny-a", "messages": HELLO, "max_tokens": 2, "logit_bias": bias}
+    r = _post(server, "/chat/completions", json.dumps(body))
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]["message"]

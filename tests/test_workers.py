@@ -13,14 +13,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Models, Server, start_server
+from tests.conftest import NO_EOS, Models, Server, start_server
 
 HELLO = [{"role": "user", "content": "hello world"}]
 LONG = 1500  # tokens: far more than any test waits for
 
 
 def _body(model: str, **kw: Any) -> dict[str, Any]:
-    return {"model": model, "messages": HELLO, "max_tokens": LONG, "temperature": 0, **kw}
+    return {"model": model, "messages": HELLO, "max_tokens": LONG, **NO_EOS, **kw}
 
 
 def _idle(server: Server, model: str) -> Any:
@@ -67,7 +67,7 @@ def test_killed_worker_fails_its_stream_cleanly_and_next_request_reloads(
 ) -> None:
     chat = client.chat.completions
     chat.create(model="tiny-b", messages=HELLO, max_tokens=1)  # loaded
-    stream = chat.create(model="tiny-b", messages=HELLO, max_tokens=LONG * 5, stream=True)
+    stream = chat.create(model="tiny-b", messages=HELLO, max_tokens=LONG * 5, stream=True, **NO_EOS)
     next(iter(stream))
     pid = _kill_worker_when_generating(server, "tiny-b")
     with pytest.raises(openai.APIError) as e:
@@ -130,7 +130,7 @@ def test_shutdown_with_busy_workers_leaves_no_process(models: Models, tmp_path: 
         for model in ("tiny-a", "tiny-b"):
             client.chat.completions.create(model=model, messages=HELLO, max_tokens=1)
         stream = client.chat.completions.create(
-            model="tiny-a", messages=HELLO, max_tokens=LONG, stream=True
+            model="tiny-a", messages=HELLO, max_tokens=LONG, stream=True, **NO_EOS
         )
         next(iter(stream))
     finally:
