@@ -58,6 +58,8 @@ class Server:
         raise AssertionError(f"timed out waiting for {what}\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return  # a test stopped it already (and checked what it left behind)
         children = psutil.Process(self.proc.pid).children(recursive=True)
         self.proc.send_signal(signal.SIGTERM)
         try:

@@ -6,6 +6,7 @@ Every wait is a poll on the server's own state with a timeout, never a guessed s
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import openai
 import psutil
 import pytest
 
+from config.store import Store
 from tests.conftest import NO_EOS, Models
 from tests.server import Server, start_server
 
@@ -337,3 +339,34 @@ def test_cold_load_uses_the_warm_spare(models: Models, tmp_path: Path) -> None:
             lambda: (s := status()["spare"]) and s["warm"] and s["pid"], what="a new warm spare"
         )
         assert new != spare and psutil.pid_exists(new)
+
+
+def test_profile_pin_and_ttl(models: Models, tmp_path: Path) -> None:
+    # Profiles written to the real database before the server starts.
+    store = Store(tmp_path / "home" / "mlx-manager.db")
+    store.save_profile({"name": "always-a", "model": "tiny-a", "pinned": True})
+    store.save_profile({"name": "brief-b", "model": "tiny-b", "ttl": 1})
+    with serving(models, tmp_path) as server:
+        w = server.wait_for(
+            lambda: (x := server.worker("tiny-a")) and x["state"] == "ready" and x,
+            what="the pinned profile's model to preload",
+        )
+        assert w["pinned"] and w["ttl_seconds"] is None
+        ask(server, "brief-b")
+        assert server.worker("tiny-b")["ttl_seconds"] == 1
+        server.wait_for(lambda: gone(server, "tiny-b"), what="the profile's TTL")
+        assert server.worker("tiny-a")["pid"] == w["pid"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_no_worker_outlives_the_gateway(models: Models, tmp_path: Path, sig: int) -> None:
+    with serving(models, tmp_path) as server:
+        for model in ("tiny-a", "tiny-b"):
+            ask(server, model)
+        me = psutil.Process(server.proc.pid)
+        children = [p for p in me.children() if "gateway.worker" in " ".join(p.cmdline())]
+        assert len(children) == 3  # two models and the warm spare
+        server.proc.send_signal(sig)
+        server.proc.wait(30)
+        gone_, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"workers outlived the gateway ({sig!r}): {alive}"

@@ -97,6 +97,16 @@ def test_killed_worker_gives_503_to_non_stream_request(
     r = result["r"]
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "model_unavailable"
+    # The pool forgot the dead worker: failed, holding no memory, not counted in the budget.
+    w = server.wait_for(
+        lambda: (x := server.worker("tiny-b")) and x["state"] == "failed" and x,
+        what="the crash to be recorded",
+    )
+    assert w["memory_bytes"] == 0 and w["pid"] is None and w["crashes"] >= 1
+    assert "exited unexpectedly" in w["error"]
+    status = httpx.get(server.url + "/admin/workers").json()
+    live = sum(x["memory_bytes"] for x in status["data"] if x["state"] == "ready")
+    assert status["memory_used_bytes"] == live
     # Other models were not affected, and tiny-b comes back on the next request.
     for model in ("tiny-a", "tiny-b"):
         ok = client.chat.completions.create(model=model, messages=HELLO, max_tokens=2)
