@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psutil
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,45 +16,44 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from config.settings import Settings, load_settings
-from config.store import Store
 from gateway import openai_api
-from gateway.catalog import Catalog
 from gateway.errors import ServiceError
+from gateway.manager import Manager
 from gateway.openai_api import parse_body
-from gateway.pool import ModelPool
 from gateway.schemas import LoadBody, UnloadBody
+from mcp_tools.server import build_mcp
 
 log = logging.getLogger("mlx_manager")
 
 
 async def health(request: Request) -> Response:
-    pool: ModelPool = request.app.state.pool
-    return JSONResponse(
-        {"status": "ok", "loaded": sum(s["state"] == "ready" for s in pool.status())}
-    )
+    manager: Manager = request.app.state.manager
+    loaded = sum(s["state"] == "ready" for s in await manager.list_loaded())
+    return JSONResponse({"status": "ok", "service": "mlx-manager", "loaded": loaded})
 
 
 async def workers(request: Request) -> Response:
-    """Loaded workers with their state: the HTTP face of the pool's status."""
-    pool: ModelPool = request.app.state.pool
+    """Models with their worker state, and the memory budget: the pool's status over HTTP."""
+    manager: Manager = request.app.state.manager
+    memory = await manager.memory()
     return JSONResponse(
         {
-            "data": pool.status(),
-            "memory_budget_bytes": pool.budget,
-            "memory_used_bytes": pool.memory_used(),
-            "spare": pool.spare_status(),
+            "data": await manager.list_loaded(),
+            "memory_budget_bytes": memory["budget_bytes"],
+            "memory_used_bytes": memory["used_bytes"],
+            "spare": manager.pool.spare_status(),
         }
     )
 
 
 async def load_model(request: Request) -> Response:
     body = await parse_body(request, LoadBody)
-    return JSONResponse(await request.app.state.pool.load(body.model))
+    return JSONResponse(await request.app.state.manager.load(body.model))
 
 
 async def unload_model(request: Request) -> Response:
     body = await parse_body(request, UnloadBody)
-    return JSONResponse(await request.app.state.pool.unload(body.model, force=body.force))
+    return JSONResponse(await request.app.state.manager.unload(body.model, force=body.force))
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
@@ -85,25 +86,44 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=500)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def transport_security(host: str) -> TransportSecuritySettings:
+    """DNS-rebinding protection stays on; the hosts and origins it accepts follow the address
+    the server binds (all of this machine's names and addresses when that is 0.0.0.0 or ::)."""
+    names = {host, "127.0.0.1", "localhost", "[::1]"}
+    if host in ("0.0.0.0", "::", ""):
+        names |= {socket.gethostname(), socket.getfqdn()}
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family == socket.AF_INET:
+                    names.add(a.address)
+                elif a.family == socket.AF_INET6:
+                    names.add(f"[{a.address.split('%')[0]}]")
+    names.discard("")
+    hosts = sorted(f"{n}:*" for n in names)
+    origins = sorted(f"{scheme}://{n}:*" for n in names for scheme in ("http", "https"))
+    return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
+
+
+def create_app(settings: Settings | None = None, manager: Manager | None = None) -> Starlette:
     settings = settings or load_settings()
+    manager = manager or Manager(settings)
+    mcp = build_mcp(manager)
+    mcp_app = mcp.streamable_http_app(
+        streamable_http_path="/mcp",
+        transport_security=transport_security(settings.host),
+        host=settings.host,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.db_path)
-        pool = ModelPool(settings, Catalog(settings, store))
-        app.state.settings, app.state.store, app.state.pool = settings, store, pool
-        pool.start()
-        # Pinned models (MLX_MANAGER_PRELOAD and pinned profiles) load in the background:
-        # the server answers at once, and requests for them wait for their load.
-        pinned = [*settings.preload, *(p["name"] for p in store.profiles() if p["pinned"])]
-        preload = asyncio.create_task(pool.preload(pinned))
+        app.state.settings, app.state.manager, app.state.pool = settings, manager, manager.pool
+        await manager.start()
         try:
-            yield
+            # Starlette does not run a mounted app's lifespan: MCP's session manager runs here.
+            async with mcp.session_manager.run():
+                yield
         finally:
-            preload.cancel()
-            await pool.close()
+            await manager.close()
 
     routes = [
         Route("/health", health),
@@ -114,6 +134,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/admin/workers", workers),
         Route("/admin/load", load_model, methods=["POST"]),
         Route("/admin/unload", unload_model, methods=["POST"]),
+        # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
+        # still gets this app's own OpenAI-shaped 404.
+        *mcp_app.routes,
     ]
     return Starlette(
         routes=routes,

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import logging.handlers
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from config.settings import Settings, SettingsError, load_settings
+from gateway.errors import ServiceError
 from gateway.hub import scan_local_models
+from gateway.manager import Manager, RemoteManager, running_server
 
 DEMO_MODEL = "demo-random"
 
@@ -71,6 +77,173 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        {
+            "home": getattr(args, "home", None),
+            "port": getattr(args, "port", None),
+            "host": getattr(args, "host", None),
+        }
+    )
+
+
+async def _manager(settings: Settings) -> Manager:
+    """The running server's workers when one is up; otherwise this process's own."""
+    url = await running_server(settings)
+    return RemoteManager(settings, url) if url else Manager(settings)
+
+
+def _run(args: argparse.Namespace, work: Callable[[Manager], Awaitable[Any]]) -> int:
+    async def main() -> Any:
+        manager = await _manager(_settings(args))
+        try:
+            return await work(manager)
+        finally:
+            await manager.close()
+
+    try:
+        result = asyncio.run(main())
+    except ServiceError as e:
+        print(f"mlx-manager: {e.message}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2) if args.json else _table(result))
+    return 0
+
+
+def _table(result: Any) -> str:
+    """Rows of dicts as an aligned table; anything else as key: value lines."""
+    rows = result if isinstance(result, list) else None
+    if rows is None:
+        return "\n".join(f"{k}: {v}" for k, v in result.items())
+    if not rows:
+        return "(none)"
+    columns = list(rows[0])
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """MCP over stdio: the same tools as /mcp, on the running server's workers if one is up."""
+    from mcp_tools.server import build_mcp
+
+    settings = _settings(args)
+    logging.basicConfig(level="WARNING", stream=sys.stderr)  # stdout carries the protocol
+
+    async def main() -> None:
+        manager = await _manager(settings)
+        await manager.start()
+        try:
+            await build_mcp(manager).run_stdio_async()
+        finally:
+            await manager.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.name:
+        return _run(args, lambda m: m.model_info(args.name))
+    return _run(args, lambda m: m.list_models())
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    columns = (
+        "model",
+        "state",
+        "pid",
+        "memory_bytes",
+        "uptime_seconds",
+        "idle_seconds",
+        "ttl_remaining_seconds",
+        "in_flight",
+        "queued",
+        "requests_served",
+    )
+
+    async def ps(manager: Manager) -> list[dict[str, Any]]:
+        if not isinstance(manager, RemoteManager):
+            raise ServiceError(
+                "No mlx-manager server is running here; start one with `mlx-manager serve`."
+            )
+        rows = await manager.list_loaded()
+        return rows if args.json else [{c: r.get(c) for c in columns} for r in rows]
+
+    return _run(args, ps)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    async def load(manager: Manager) -> dict[str, Any]:
+        if not isinstance(manager, RemoteManager):
+            raise ServiceError(
+                "No mlx-manager server is running here to load the model into; "
+                "start one with `mlx-manager serve`."
+            )
+        return await manager.load(args.name, _progress_line)
+
+    return _run(args, load)
+
+
+async def _progress_line(state: str, elapsed: float, message: str) -> None:
+    end = "\n" if state == "ready" else ""
+    print(f"\r{message}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    return _run(args, lambda m: m.unload(args.name, force=args.force))
+
+
+PROFILE_FIELDS = {
+    "model": str,
+    "temperature": float,
+    "top_p": float,
+    "max_tokens": int,
+    "context_length": int,
+    "system_prompt": str,
+    "ttl": float,
+    "description": str,
+}
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    fields = {k: getattr(args, k) for k in PROFILE_FIELDS if getattr(args, k, None) is not None}
+    if getattr(args, "alias", None):
+        fields["aliases"] = args.alias
+    if getattr(args, "pinned", None) is not None:
+        fields["pinned"] = args.pinned
+    action = args.action
+    if action == "list":
+        return _run(args, lambda m: _async(m.list_profiles()))
+    if not args.name:
+        print(f"mlx-manager: profiles {action} needs a NAME", file=sys.stderr)
+        return 2
+    if action == "show":
+        return _run(args, lambda m: _async(m.get_profile(args.name)))
+    if action == "create":
+        return _run(args, lambda m: m.create_profile({"name": args.name, **fields}))
+    if action == "update":
+        return _run(args, lambda m: m.update_profile(args.name, fields))
+    return _run(args, lambda m: _async(m.delete_profile(args.name)))
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-manager", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--model-dir",
         action="append",
-        help="a folder of model folders (repeatable; adds to none of the env)",
+        help="a folder of model folders (repeatable; replaces the setting)",
     )
     serve.add_argument(
         "--no-demo",
@@ -89,6 +262,37 @@ def main(argv: list[str] | None = None) -> int:
         help="do not build the offline demo model when no model is found",
     )
     serve.set_defaults(func=cmd_serve)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--port", type=int, help="port of the server to talk to (default 8080)")
+        p.add_argument("--home", help="data folder (default MLX_MANAGER_HOME)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    client("mcp", "MCP tools over stdio (for MCP clients)").set_defaults(func=cmd_mcp)
+    models = client("models", "list local models, or inspect one")
+    models.add_argument("name", nargs="?", help="a model to inspect")
+    models.set_defaults(func=cmd_models)
+    client("ps", "loaded models on the running server").set_defaults(func=cmd_ps)
+    load = client("load", "load a model on the running server")
+    load.add_argument("name")
+    load.set_defaults(func=cmd_load)
+    unload = client("unload", "unload a model on the running server")
+    unload.add_argument("name")
+    unload.add_argument("--force", action="store_true", help="cancel running requests")
+    unload.set_defaults(func=cmd_unload)
+    profiles = client("profiles", "list, show, create, update or delete profiles")
+    profiles.add_argument(
+        "action", choices=["list", "show", "create", "update", "delete"], nargs="?", default="list"
+    )
+    profiles.add_argument("name", nargs="?")
+    for field, kind in PROFILE_FIELDS.items():
+        profiles.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind)
+    profiles.add_argument("--alias", action="append", help="an alias (repeatable)")
+    profiles.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None)
+    profiles.set_defaults(func=cmd_profiles)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

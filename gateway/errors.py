@@ -42,16 +42,22 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
-class ModelNotFound(ServiceError):
-    status = 404
-    type = "invalid_request_error"
-    code = "model_not_found"
-
-
 class NotFound(ServiceError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(ServiceError):
+    """The thing to create exists already (a profile name, an alias)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class ModelUnavailable(ServiceError):

@@ -33,6 +33,8 @@ class WorkerProcess:
             [sys.executable, "-m", "gateway.worker", "--fd", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            # stdout is the protocol channel of `mlx-manager mcp`: a worker writes only to stderr.
+            stdout=2,
         )
         theirs.close()  # so the socket reports EOF when the worker exits
         self.conn = Connection(ours.detach())

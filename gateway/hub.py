@@ -145,3 +145,71 @@ def read_local_model(path: Path) -> LocalModel | None:
         return None
     config, size, weights, mtime = info
     return LocalModel(str(path), path, "path", size, weights, mtime, config, _description(path))
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file: tensor names, dtypes and shapes, no weights."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < 100_000_000:
+            raise ValueError(f"{path.name}: not a safetensors file")
+        return json.loads(f.read(size))
+
+
+def count_parameters(model: LocalModel) -> int | None:
+    """Parameters, counted from tensor shapes; packed quantized weights count as what they
+    hold (32 / bits values per uint32), scales and biases of quantization are not counted."""
+    bits = model.quantization_bits
+    total = 0
+    try:
+        files = sorted(model.path.glob("*.safetensors"))
+        for file in files:
+            for name, info in _safetensors_header(file).items():
+                if name == "__metadata__":
+                    continue
+                n = 1
+                for dim in info["shape"]:
+                    n *= dim
+                if bits and name.endswith((".scales", ".biases")):
+                    continue
+                if bits and info["dtype"] == "U32":
+                    n = n * 32 // bits
+                total += n
+    except (OSError, ValueError, KeyError):
+        return None
+    return total if files else None
+
+
+def inspect_model(model: LocalModel) -> dict[str, Any]:
+    """What a model is, read from its files without loading it."""
+    config = model.config
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    tokenizer_config: dict[str, Any] = {}
+    try:
+        tokenizer_config = json.loads((model.path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    template = tokenizer_config.get("chat_template") or ""
+    if not template and (model.path / "chat_template.jinja").is_file():
+        template = (model.path / "chat_template.jinja").read_text(errors="replace")
+    text_config = config.get("text_config", config)
+    return {
+        "id": model.id,
+        "path": str(model.path),
+        "source": model.source,
+        "family": model.family,
+        "architecture": (config.get("architectures") or [None])[0],
+        "parameters": count_parameters(model),
+        "quantization": {"bits": q.get("bits"), "group_size": q.get("group_size")}
+        if isinstance(q, dict) and q
+        else None,
+        "context_length": model.context_length,
+        "vocab_size": text_config.get("vocab_size"),
+        "size_bytes": model.size_bytes,
+        "weights_bytes": model.weights_bytes,
+        "chat_template": bool(template),
+        "tool_calling": "tools" in template,
+        "reasoning": "<think>" in template or "enable_thinking" in template,
+        "multimodal": any(k in config for k in ("vision_config", "audio_config")),
+        "description": model.description,
+    }

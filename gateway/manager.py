@@ -1,0 +1,324 @@
+"""The service layer: every operation a person or an assistant can ask for, once. The HTTP admin
+routes, the MCP tools and the CLI are thin adapters over a Manager.
+
+`Manager` drives its own ModelPool (inside `mlx-manager serve`, or `mlx-manager mcp` when no
+server runs); `RemoteManager` sends the operations that act on workers to a running server, so
+that a stdio MCP client or the CLI sees and controls the same workers as everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import httpx
+import psutil
+
+from config.settings import Settings
+from config.store import Store
+from gateway import errors
+from gateway.catalog import Catalog
+from gateway.generation import GenerationRequest
+from gateway.hub import inspect_model
+from gateway.pool import ModelPool
+from gateway.profiles import Profiles
+
+# (state, seconds elapsed, message): "loading" while it loads, then "ready".
+Progress = Callable[[str, float, str], Awaitable[None]]
+PROGRESS_INTERVAL = 0.5
+
+
+class Manager:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.db_path)
+        self.catalog = Catalog(settings, self.store)
+        self.profiles = Profiles(self.catalog)
+        self.pool = ModelPool(settings, self.catalog)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Start the pool and load pinned models (MLX_MANAGER_PRELOAD, pinned profiles) in the
+        background: the server answers at once, requests for them wait for their load."""
+        self.pool.start()
+        pinned = [
+            *self.settings.preload,
+            *(p["name"] for p in self.store.profiles() if p["pinned"]),
+        ]
+        self._background(self.pool.preload(pinned))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.pool.close()
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Models ---------------------------------------------------------------------------------
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        loaded = await self._loaded_paths()
+        return [
+            {
+                "id": m.id,
+                "family": m.family,
+                "quantization_bits": m.quantization_bits,
+                "context_length": m.context_length,
+                "size_bytes": m.size_bytes,
+                "loaded": str(m.path) in loaded,
+                "source": m.source,
+                **({"description": m.description} if m.description else {}),
+            }
+            for m in self.catalog.models()
+            if self.pool.allowed(m.id)
+        ]
+
+    async def model_info(self, name: str) -> dict[str, Any]:
+        resolved = self.pool.resolve(name)
+        info = inspect_model(resolved.model)
+        info["loaded"] = str(resolved.model.path) in await self._loaded_paths()
+        info["estimated_memory_bytes"] = int(resolved.model.weights_bytes * 1.2)
+        budget = (await self.memory())["budget_bytes"]
+        info["fits_memory_budget"] = info["estimated_memory_bytes"] <= budget
+        if resolved.profile is not None:
+            info["profile"] = resolved.profile["name"]
+        return info
+
+    async def _loaded_paths(self) -> set[str]:
+        return {s["path"] for s in await self.list_loaded() if s["state"] == "ready"}
+
+    # Profiles (the database is shared: local in every mode) ---------------------------------
+
+    def list_profiles(self) -> list[dict[str, Any]]:
+        return self.profiles.list()
+
+    def get_profile(self, name: str) -> dict[str, Any]:
+        return self.profiles.get(name)
+
+    async def create_profile(self, data: dict[str, Any]) -> dict[str, Any]:
+        profile = self.profiles.create(data)
+        if profile["pinned"]:
+            self._background(self._load_quietly(profile["name"]))
+        return profile
+
+    async def update_profile(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        profile = self.profiles.update(name, changes)
+        if changes.get("pinned"):
+            self._background(self._load_quietly(name))
+        return profile
+
+    def delete_profile(self, name: str) -> dict[str, Any]:
+        return self.profiles.delete(name)
+
+    async def _load_quietly(self, name: str) -> None:
+        """A pinned profile loads now; a failure shows in list_loaded, not here."""
+        try:
+            await self.load(name)
+        except errors.ServiceError:
+            pass
+
+    # Workers --------------------------------------------------------------------------------
+
+    async def list_loaded(self) -> list[dict[str, Any]]:
+        return self.pool.status()
+
+    async def load(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
+        return await _with_progress(self.pool.load(name), name, progress)
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        return await self.pool.unload(name, force=force)
+
+    async def chat(
+        self,
+        name: str,
+        messages: list[dict[str, Any]],
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        _check_messages(messages)
+        request = GenerationRequest(
+            kind="chat", messages=messages, temperature=temperature, max_tokens=max_tokens
+        )
+        gen = await self.pool.generate(name, [request])
+        (choice,) = await gen.collect()
+        prompt = gen.prompt_tokens[0]
+        return {
+            "model": name,
+            "content": choice.text,
+            "finish_reason": choice.finish_reason,
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": choice.completion_tokens,
+                "total_tokens": prompt + choice.completion_tokens,
+            },
+        }
+
+    async def memory(self) -> dict[str, int]:
+        return {"budget_bytes": self.pool.budget, "used_bytes": self.pool.memory_used()}
+
+    async def system_info(self) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        apple = platform.system() == "Darwin" and platform.machine() == "arm64"
+        return {
+            "os": f"{platform.system()} {platform.release()}",
+            "machine": platform.machine(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "memory_total_bytes": vm.total,
+            "memory_available_bytes": vm.available,
+            "mlx_version": _version("mlx"),
+            "mlx_lm_version": _version("mlx-lm"),
+            # The gateway does not import MLX itself; the backend follows from the platform
+            # (the same marker that picks mlx[cpu] at install time).
+            "mlx_backend": "metal (gpu)" if apple else "cpu",
+            "memory_budget": await self.memory(),
+            "loaded_models": sum(s["state"] == "ready" for s in await self.list_loaded()),
+        }
+
+
+class RemoteManager(Manager):
+    """Models and profiles from the shared files; workers through the running server."""
+
+    def __init__(self, settings: Settings, base_url: str) -> None:
+        super().__init__(settings)
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=None)
+
+    async def start(self) -> None:
+        pass  # the server owns the workers
+
+    async def close(self) -> None:
+        # Let requests already sent (a pinned profile's load) finish: a CLI exits right after.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.http.aclose()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            r = await self.http.request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise errors.ModelUnavailable(
+                f"The mlx-manager server at {self.http.base_url} did not answer: {e}"
+            ) from None
+        if r.status_code >= 400:
+            raise _remote_error(r)
+        return r.json()
+
+    async def list_loaded(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/admin/workers"))["data"]
+
+    async def memory(self) -> dict[str, int]:
+        status = await self._call("GET", "/admin/workers")
+        return {
+            "budget_bytes": status["memory_budget_bytes"],
+            "used_bytes": status["memory_used_bytes"],
+        }
+
+    async def load(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
+        return await _with_progress(
+            self._call("POST", "/admin/load", {"model": name}), name, progress
+        )
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        return await self._call("POST", "/admin/unload", {"model": name, "force": force})
+
+    async def chat(
+        self,
+        name: str,
+        messages: list[dict[str, Any]],
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        _check_messages(messages)
+        body: dict[str, Any] = {"model": name, "messages": messages}
+        if temperature is not None:
+            body["temperature"] = temperature
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        r = await self._call("POST", "/v1/chat/completions", body)
+        choice = r["choices"][0]
+        return {
+            "model": name,
+            "content": choice["message"]["content"],
+            "finish_reason": choice["finish_reason"],
+            "usage": r["usage"],
+        }
+
+
+def _check_messages(messages: list[dict[str, Any]]) -> None:
+    if not messages:
+        raise errors.InvalidRequest("messages must hold at least one message.", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise errors.InvalidRequest(
+                f"messages[{i}] needs a role of system, user or assistant.", param="messages"
+            )
+        if not isinstance(m.get("content"), str):
+            raise errors.InvalidRequest(f"messages[{i}] needs a text content.", param="messages")
+
+
+async def _with_progress(
+    work: Awaitable[dict[str, Any]], name: str, progress: Progress | None
+) -> dict[str, Any]:
+    """Await a load, reporting elapsed time every half second while it runs."""
+    if progress is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    started = time.monotonic()
+    await progress("loading", 0.0, f"loading {name}")
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
+        elapsed = time.monotonic() - started
+        if done:
+            result = task.result()
+            await progress("ready", elapsed, f"{name} is ready ({elapsed:.1f}s)")
+            return result
+        await progress("loading", elapsed, f"loading {name} ({elapsed:.1f}s)")
+
+
+def _remote_error(r: httpx.Response) -> errors.ServiceError:
+    try:
+        err = r.json()["error"]
+        message, param = err["message"], err.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, param = f"HTTP {r.status_code}: {r.text[:200]}", None
+    for cls in (
+        errors.InvalidRequest,
+        errors.PermissionDenied,
+        errors.NotFound,
+        errors.Conflict,
+        errors.TooManyRequests,
+        errors.InsufficientMemory,
+        errors.ModelUnavailable,
+    ):
+        if cls.status == r.status_code:
+            return cls(message, param=param)
+    return errors.ServiceError(message, param=param)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+async def running_server(settings: Settings) -> str | None:
+    """The base URL of an mlx-manager server on the configured host and port, if one runs."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}"
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            r = await client.get(url + "/health")
+        if r.status_code == 200 and r.json().get("service") == "mlx-manager":
+            return url
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+    return None

@@ -1,0 +1,257 @@
+"""The MCP face of mlx-manager: tools and resources that are thin wrappers over the Manager (the
+same service layer the HTTP routes and the CLI use). A ServiceError becomes a tool error whose
+message a person can act on."""
+
+# No `from __future__ import annotations`: the SDK reads these signatures to build the schemas.
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel, Field
+
+from gateway.errors import ServiceError
+from gateway.manager import Manager
+
+INSTRUCTIONS = """mlx-manager serves local MLX language models behind an OpenAI-compatible API.
+Name a model by any name /v1 accepts: a profile or alias, a local model id (`org/name` for the
+Hugging Face cache), or an absolute path. Typical flow: list_models or model_info to find a model
+that fits system_info's memory budget, create_profile with the defaults you want, load_model,
+then chat with the profile's name (or point an OpenAI client at /v1 with it)."""
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+ModelName = Annotated[
+    str, Field(description="A profile, alias, local model id (org/name) or absolute path.")
+]
+ProfileName = Annotated[str, Field(description="The profile's unique name.")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+def _errors_as_tool_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except ServiceError as e:
+            raise ToolError(e.message) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The arguments the caller set (None means "leave as it is")."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def build_mcp(manager: Manager) -> MCPServer:
+    mcp = MCPServer(name="mlx-manager", instructions=INSTRUCTIONS)
+
+    def tool(fn: F) -> F:
+        mcp.tool()(_errors_as_tool_errors(fn))
+        return fn
+
+    # Models -----------------------------------------------------------------------------------
+
+    @tool
+    async def list_models() -> dict[str, Any]:
+        """Local models (Hugging Face cache and model folders) with size, family, quantization,
+        context length and whether each is loaded."""
+        return {"models": await manager.list_models()}
+
+    @tool
+    async def model_info(model: ModelName) -> dict[str, Any]:
+        """One model inspected from its files: family, architecture, parameters, quantization,
+        context length, vocabulary, size, estimated memory and whether it fits the budget,
+        chat template, tool-calling and reasoning hints."""
+        return await manager.model_info(model)
+
+    @tool
+    async def search_models(
+        query: Annotated[str, Field(description="Text to search for, e.g. 'qwen 4bit'.")],
+        author: Annotated[
+            str | None, Field(description="Organization, e.g. mlx-community.")
+        ] = None,
+        limit: Annotated[int, Field(ge=1, le=100, description="Results at most.")] = 20,
+    ) -> dict[str, Any]:
+        """Search the Hugging Face hub for MLX models (not available yet)."""
+        raise ToolError(_hub_not_ready("search_models"))
+
+    @tool
+    async def download_model(
+        model: Annotated[str, Field(description="Hub id, e.g. mlx-community/Qwen3-0.6B-4bit.")],
+    ) -> dict[str, Any]:
+        """Download a model from the Hugging Face hub (not available yet)."""
+        raise ToolError(_hub_not_ready("download_model"))
+
+    @tool
+    async def delete_model(model: ModelName) -> dict[str, Any]:
+        """Delete a downloaded model from the Hugging Face cache (not available yet)."""
+        raise ToolError(_hub_not_ready("delete_model"))
+
+    # Profiles ---------------------------------------------------------------------------------
+
+    @tool
+    async def list_profiles() -> dict[str, Any]:
+        """Every profile with its model and defaults."""
+        return {"profiles": manager.list_profiles()}
+
+    @tool
+    async def get_profile(name: ProfileName) -> dict[str, Any]:
+        """One profile."""
+        return manager.get_profile(name)
+
+    @tool
+    async def create_profile(
+        name: ProfileName,
+        model: Annotated[str, Field(description="Local model id (org/name) or absolute path.")],
+        aliases: Annotated[list[str] | None, Field(description="Other names for it.")] = None,
+        temperature: Annotated[float | None, Field(description="Default temperature, 0-2.")] = None,
+        top_p: Annotated[float | None, Field(description="Default top_p, (0, 1].")] = None,
+        max_tokens: Annotated[int | None, Field(description="Default max_tokens.")] = None,
+        context_length: Annotated[int | None, Field(description="Context cap in tokens.")] = None,
+        system_prompt: Annotated[
+            str | None, Field(description="Added when a chat has none.")
+        ] = None,
+        ttl: Annotated[
+            float | None, Field(description="Idle seconds before unloading; 0: never.")
+        ] = None,
+        pinned: Annotated[bool, Field(description="Load now and at startup; never evict.")] = False,
+        description: Annotated[str | None, Field(description="Free text.")] = None,
+    ) -> dict[str, Any]:
+        """Create a profile: a name usable as `model` in /v1 requests, bound to a model and its
+        defaults. Requests may still override each default."""
+        return await manager.create_profile(
+            _given(
+                name=name,
+                model=model,
+                aliases=aliases,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                context_length=context_length,
+                system_prompt=system_prompt,
+                ttl=ttl,
+                pinned=pinned,
+                description=description,
+            )
+        )
+
+    @tool
+    async def update_profile(
+        name: ProfileName,
+        model: Annotated[str | None, Field(description="New model.")] = None,
+        aliases: Annotated[list[str] | None, Field(description="New aliases (replaces).")] = None,
+        temperature: Annotated[float | None, Field(description="0-2.")] = None,
+        top_p: Annotated[float | None, Field(description="(0, 1].")] = None,
+        max_tokens: Annotated[int | None, Field(description="Default max_tokens.")] = None,
+        context_length: Annotated[int | None, Field(description="Context cap.")] = None,
+        system_prompt: Annotated[str | None, Field(description="System prompt.")] = None,
+        ttl: Annotated[float | None, Field(description="Idle seconds; 0: never.")] = None,
+        pinned: Annotated[bool | None, Field(description="Pin or unpin.")] = None,
+        description: Annotated[str | None, Field(description="Free text.")] = None,
+        clear: Annotated[
+            list[str] | None, Field(description="Fields to reset to unset, e.g. ['temperature'].")
+        ] = None,
+    ) -> dict[str, Any]:
+        """Change only the fields given (partial update); `clear` resets fields."""
+        changes = _given(
+            model=model,
+            aliases=aliases,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            context_length=context_length,
+            system_prompt=system_prompt,
+            ttl=ttl,
+            pinned=pinned,
+            description=description,
+        )
+        for field in clear or []:
+            changes[field] = [] if field == "aliases" else False if field == "pinned" else None
+        return await manager.update_profile(name, changes)
+
+    @tool
+    async def delete_profile(name: ProfileName) -> dict[str, Any]:
+        """Delete a profile (its model stays)."""
+        return {"deleted": name, "profile": manager.delete_profile(name)}
+
+    # Workers ----------------------------------------------------------------------------------
+
+    @tool
+    async def list_loaded() -> dict[str, Any]:
+        """Loaded models: state, memory, uptime, idle time, TTL left, queue, requests served."""
+        return {"loaded": await manager.list_loaded(), **await manager.memory()}
+
+    @tool
+    async def load_model(model: ModelName, ctx: Context) -> dict[str, Any]:
+        """Load a model now and keep it loaded (its idle TTL starts when loaded). Reports
+        progress while it loads."""
+
+        async def progress(state: str, elapsed: float, message: str) -> None:
+            await ctx.report_progress(elapsed, None, message)
+
+        return await manager.load(model, progress)
+
+    @tool
+    async def unload_model(
+        model: ModelName,
+        force: Annotated[
+            bool, Field(description="Cancel running requests instead of letting them finish.")
+        ] = False,
+    ) -> dict[str, Any]:
+        """Unload a model once its running requests finish (or at once with force). Unloading
+        a model that is not loaded succeeds and says so."""
+        return await manager.unload(model, force)
+
+    @tool
+    async def chat(
+        model: ModelName,
+        messages: Annotated[list[ChatMessage], Field(description="The conversation.")],
+        temperature: Annotated[
+            float | None, Field(description="0-2; default: the profile's or 1.")
+        ] = None,
+        max_tokens: Annotated[int | None, Field(description="Tokens at most.")] = None,
+    ) -> dict[str, Any]:
+        """Send messages to a model or profile and get its reply with token usage."""
+        return await manager.chat(
+            model, [m.model_dump() for m in messages], temperature, max_tokens
+        )
+
+    @tool
+    async def system_info() -> dict[str, Any]:
+        """OS, CPU, memory, MLX version and backend, and the memory budget and its use."""
+        return await manager.system_info()
+
+    # Resources --------------------------------------------------------------------------------
+
+    @mcp.resource("mlx-manager://models", mime_type="application/json")
+    async def models_resource() -> str:
+        """Local models."""
+        return json.dumps(await manager.list_models())
+
+    @mcp.resource("mlx-manager://profiles", mime_type="application/json")
+    async def profiles_resource() -> str:
+        """Profiles."""
+        return json.dumps(manager.list_profiles())
+
+    @mcp.resource("mlx-manager://loaded", mime_type="application/json")
+    async def loaded_resource() -> str:
+        """Loaded models and their state."""
+        return json.dumps(await manager.list_loaded())
+
+    return mcp
+
+
+def _hub_not_ready(tool: str) -> str:
+    return (
+        f"{tool} is not available yet: Hugging Face hub support (search, download, delete) "
+        "is still being built. Local models (list_models) can be used now."
+    )
