@@ -1,5 +1,5 @@
 """Gateway overhead benchmark (not a test). For two random models it builds (a ~1M-parameter
-tiny one, where per-token overhead is most visible, and a ~20M one), measured in one run:
+tiny one, where per-token overhead is most visible, and a ~16M one), measured in one run:
 
 - decode tokens/s and time to first token, in-process (mlx_lm.stream_generate) vs through the
   gateway (openai SDK, streaming);

@@ -1,4 +1,4 @@
-"""Model swap benchmark (not a test), on ~20M-parameter random models it builds:
+"""Model swap benchmark (not a test), on ~16M-parameter random models it builds:
 
 - cold load: POST /admin/load through the gateway (a warm spare worker takes the model) against
   mlx_lm.load in-process as the first load of a fresh process (imports excluded; also shown: a
