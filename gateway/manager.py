@@ -110,8 +110,10 @@ class Manager:
             self._background(self._load_quietly(profile["name"]))
         return profile
 
-    async def update_profile(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
-        profile = self.profiles.update(name, changes)
+    async def update_profile(
+        self, name: str, changes: dict[str, Any], clear: list[str] | None = None
+    ) -> dict[str, Any]:
+        profile = self.profiles.update(name, changes, clear or [])
         if changes.get("pinned"):
             self._background(self._load_quietly(name))
         return profile

@@ -96,8 +96,20 @@ class Profiles:
         self.store.save_profile(profile.model_dump())
         return self.get(profile.name)
 
-    def update(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    def update(self, name: str, changes: dict[str, Any], clear: list[str] = ()) -> dict[str, Any]:
+        """Change the fields in `changes`; reset those in `clear` to their defaults."""
         current = self.get(name)
+        for field in clear:
+            if field not in FIELDS or field == "model":
+                raise InvalidRequest(
+                    f"Cannot clear '{field}'. Fields that can be cleared: "
+                    f"{', '.join(f for f in FIELDS if f != 'model')}.",
+                    param="clear",
+                )
+            changes = {
+                **changes,
+                field: Profile.model_fields[field].get_default(call_default_factory=True),
+            }
         if "name" in changes and changes["name"] != name:
             raise InvalidRequest(
                 "A profile cannot be renamed; create a new one instead.", param="name"

@@ -15,6 +15,9 @@ from pydantic import BaseModel, Field
 
 from gateway.errors import ServiceError
 from gateway.manager import Manager
+from gateway.profiles import FIELDS
+
+PROFILE_FIELDS = {"name", *FIELDS}
 
 INSTRUCTIONS = """mlx-manager serves local MLX language models behind an OpenAI-compatible API.
 Name a model by any name /v1 accepts: a profile or alias, a local model id (`org/name` for the
@@ -47,8 +50,10 @@ def _errors_as_tool_errors(fn: F) -> F:
 
 
 def _given(**fields: Any) -> dict[str, Any]:
-    """The arguments the caller set (None means "leave as it is")."""
-    return {k: v for k, v in fields.items() if v is not None}
+    """The profile fields the caller set (None means "leave as it is"). The profile tools pass
+    their locals(): their parameters are named as the profile's fields; anything else there
+    (closure variables, `clear`) is dropped."""
+    return {k: v for k, v in fields.items() if k in PROFILE_FIELDS and v is not None}
 
 
 def build_mcp(manager: Manager) -> MCPServer:
@@ -128,21 +133,7 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Create a profile: a name usable as `model` in /v1 requests, bound to a model and its
         defaults. Requests may still override each default."""
-        return await manager.create_profile(
-            _given(
-                name=name,
-                model=model,
-                aliases=aliases,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                context_length=context_length,
-                system_prompt=system_prompt,
-                ttl=ttl,
-                pinned=pinned,
-                description=description,
-            )
-        )
+        return await manager.create_profile(_given(**locals()))
 
     @tool
     async def update_profile(
@@ -162,21 +153,8 @@ def build_mcp(manager: Manager) -> MCPServer:
         ] = None,
     ) -> dict[str, Any]:
         """Change only the fields given (partial update); `clear` resets fields."""
-        changes = _given(
-            model=model,
-            aliases=aliases,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            context_length=context_length,
-            system_prompt=system_prompt,
-            ttl=ttl,
-            pinned=pinned,
-            description=description,
-        )
-        for field in clear or []:
-            changes[field] = [] if field == "aliases" else False if field == "pinned" else None
-        return await manager.update_profile(name, changes)
+        changes = _given(**{k: v for k, v in locals().items() if k != "name"})
+        return await manager.update_profile(name, changes, clear or [])
 
     @tool
     async def delete_profile(name: ProfileName) -> dict[str, Any]:

@@ -184,7 +184,7 @@ def test_update_and_delete_errors(url: str) -> None:
     call(url, "create_profile", name="upd", model="tiny-a", temperature=0.5)
     assert "'temperature'" in error(url, "update_profile", name="upd", temperature=-1)
     assert call(url, "get_profile", name="upd")["temperature"] == 0.5
-    assert "Unknown profile field" in error(url, "update_profile", name="upd", clear=["colour"])
+    assert "Cannot clear 'colour'" in error(url, "update_profile", name="upd", clear=["colour"])
 
 
 def test_load_progress_list_and_unload(url: str, server: Server) -> None:
