@@ -41,6 +41,7 @@ async def workers(request: Request) -> Response:
             "data": await manager.list_loaded(),
             "memory_budget_bytes": memory["budget_bytes"],
             "memory_used_bytes": memory["used_bytes"],
+            "memory_estimate_factor": manager.pool.estimate.factor,
             "spare": manager.pool.spare_status(),
         }
     )

@@ -86,7 +86,7 @@ class Manager:
         resolved = self.pool.resolve(name)
         info = inspect_model(resolved.model)
         info["loaded"] = str(resolved.model.path) in await self._loaded_paths()
-        info["estimated_memory_bytes"] = int(resolved.model.weights_bytes * 1.2)
+        info["estimated_memory_bytes"] = self.pool.estimate(resolved.model.weights_bytes)
         budget = (await self.memory())["budget_bytes"]
         info["fits_memory_budget"] = info["estimated_memory_bytes"] <= budget
         if resolved.profile is not None:

@@ -38,9 +38,29 @@ from gateway.hub import LocalModel
 
 log = logging.getLogger("mlx_manager.pool")
 
-# Memory a model needs before its worker has reported a real figure: its weights plus headroom
-# for KV caches and MLX's buffer cache. The worker's own figure replaces it once loaded.
-ESTIMATE_FACTOR = 1.2
+
+class MemoryEstimate:
+    """Memory a model needs before its worker has reported a real figure: its weights times a
+    factor. The factor starts at 1.2 (headroom for KV caches and MLX's buffer cache), then is
+    measured: the highest ratio of a loaded worker's real figure to its weights seen so far,
+    kept within [1.0, 3.0]. A model's own figure replaces the estimate once it has loaded."""
+
+    DEFAULT, LOW, HIGH = 1.2, 1.0, 3.0
+
+    def __init__(self) -> None:
+        self.factor = self.DEFAULT
+        self.measured = False
+
+    def observe(self, weights_bytes: int, real_bytes: int) -> None:
+        if weights_bytes <= 0 or real_bytes <= 0:
+            return
+        ratio = min(self.HIGH, max(self.LOW, real_bytes / weights_bytes))
+        self.factor = max(self.factor, ratio) if self.measured else ratio
+        self.measured = True
+
+    def __call__(self, weights_bytes: int) -> int:
+        return int(weights_bytes * self.factor)
+
 
 LOADED_STATES = ("loading", "ready", "draining")
 Progress = Callable[[str, float], Awaitable[None] | None]
@@ -69,12 +89,13 @@ class Slot:
     loads: int = 0
     crashes: int = 0
     error: str | None = None
+    estimator: MemoryEstimate = field(default_factory=MemoryEstimate, repr=False)
 
     @property
     def estimate(self) -> int:
         if self.measured:
             return self.measured
-        return int(self.model.weights_bytes * ESTIMATE_FACTOR)
+        return self.estimator(self.model.weights_bytes)
 
     @property
     def memory(self) -> int:
@@ -208,6 +229,7 @@ class ModelPool:
         self.slots: dict[str, Slot] = {}
         self.budget = settings.memory_budget_bytes(psutil.virtual_memory().total)
         self.default_ttl = settings.idle_ttl or None  # 0 disables the idle TTL
+        self.estimate = MemoryEstimate()
         self._admit = asyncio.Lock()  # one load at a time passes the budget check
         self._changed: asyncio.Future[None] | None = None
         self._closing = False
@@ -261,7 +283,9 @@ class ModelPool:
     def _slot(self, resolved: Resolved) -> Slot:
         slot = self.slots.get(resolved.key)
         if slot is None:
-            slot = self.slots[resolved.key] = Slot(resolved.key, resolved.model)
+            slot = self.slots[resolved.key] = Slot(
+                resolved.key, resolved.model, estimator=self.estimate
+            )
         elif slot.state not in LOADED_STATES:
             slot.model = resolved.model  # the files may have changed since it was last loaded
         profile = resolved.profile or {}
@@ -377,6 +401,8 @@ class ModelPool:
             self._replenish()
         slot.state, slot.loaded_at = "ready", time.time()
         slot.measured = handle.info.get("memory_bytes") or slot.measured
+        if slot.measured:
+            self.estimate.observe(slot.model.weights_bytes, slot.measured)
         log.info(
             "%s ready: %s, %.2fs",
             slot.model.id,

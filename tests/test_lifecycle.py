@@ -6,7 +6,10 @@ Every wait is a poll on the server's own state with a timeout, never a guessed s
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +23,7 @@ import pytest
 
 from config.store import Store
 from tests.conftest import NO_EOS, Models
-from tests.server import Server, start_server
+from tests.server import ROOT, Server, start_server
 
 HELLO = [{"role": "user", "content": "hello world"}]
 LOADED = ("loading", "ready", "draining")
@@ -53,6 +56,28 @@ def loaded(server: Server) -> list[str]:
 def gone(server: Server, model: str) -> bool:
     w = server.worker(model)
     return w is None or w["state"] not in LOADED
+
+
+def call_info(server: Server, model: str) -> dict[str, Any]:
+    """`mlx-manager models NAME --json` against the server."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "models",
+            model,
+            "--json",
+            "--port",
+            str(server.port),
+        ],
+        cwd=ROOT,
+        env=server.env,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return json.loads(r.stdout)
 
 
 def admin(server: Server, action: str, **body: Any) -> httpx.Response:
@@ -133,7 +158,13 @@ def test_sixteen_concurrent_first_requests_load_once(models: Models, tmp_path: P
 def test_memory_budget_evicts_and_refuses_what_cannot_fit(models: Models, tmp_path: Path) -> None:
     # One tiny model (~0.6 MB in MLX) fits in 1 MB; two do not; tiny-big (~6 MB) never does.
     with serving(models, tmp_path, memory_budget="1MB") as server:
+        status = lambda: httpx.get(server.url + "/admin/workers").json()  # noqa: E731
+        assert status()["memory_estimate_factor"] == 1.2  # nothing measured yet
         ask(server, "tiny-a")
+        # The factor is now what tiny-a measured: its real figure over its weights.
+        weights = call_info(server, "tiny-a")["weights_bytes"]
+        real = server.worker("tiny-a")["estimated_bytes"]
+        assert status()["memory_estimate_factor"] == pytest.approx(min(3, max(1, real / weights)))
         pid = server.worker("tiny-a")["pid"]
         with pytest.raises(openai.APIStatusError) as e:
             ask(server, "tiny-big")
