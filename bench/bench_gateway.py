@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.model_builder import BENCH_SPEC, ModelSpec, build_model  # noqa: E402
-from tests.server import start_server  # noqa: E402
+from tests.server import Server, start_server  # noqa: E402
 
 SPECS = {"tiny-1m": ModelSpec(), "bench-20m": BENCH_SPEC}
 MESSAGES = [{"role": "user", "content": "tell me about the quick brown fox and the lazy dog"}]
@@ -79,6 +79,20 @@ def in_process(path: Path, tokens: int, rounds: int) -> tuple[float, float, dict
         batch[n] = count / (time.perf_counter() - start)
         gen.close()
     return max(rates[1:]), min(ttfts[1:]), batch
+
+
+def settle(server: Server, model: str) -> None:
+    """Load the model, then wait until the warm spare that replaces the one it took has
+    finished its imports (about 1.5 s of CPU), so that steady state is what gets measured."""
+    import httpx
+
+    httpx.post(server.url + "/admin/load", json={"model": model}, timeout=600)
+
+    def warm() -> bool:
+        spare = httpx.get(server.url + "/admin/workers").json()["spare"]
+        return bool(spare and spare["warm"])
+
+    server.wait_for(warm, timeout=120, what="a warm spare")
 
 
 def gateway_single(client: Any, model: str, tokens: int, rounds: int) -> tuple[float, float]:
@@ -180,6 +194,7 @@ def main() -> None:
         try:
             client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=600)
             for name in SPECS:
+                settle(server, name)
                 single = gateway_single(client, name, args.tokens, args.rounds)
                 raw_ttft = gateway_raw_ttft(server.v1, name, args.rounds)
                 agg = {
