@@ -49,6 +49,7 @@ class Settings:
     preload: list[str] = field(default_factory=list)  # loaded at startup and pinned
     max_queue: int = 256  # requests waiting per model before 429
     allowed_models: list[str] = field(default_factory=list)  # glob patterns; empty: all
+    hf_organization: str = ""  # default author filter of model search; empty: all
     warm_spare: bool = True  # keep one worker process with MLX imported, for fast cold loads
 
     @property

@@ -41,6 +41,23 @@ def create_profiles(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def create_downloads(db: sqlite_utils.Database) -> None:
+    db["downloads"].create(
+        {
+            "id": str,
+            "repo": str,
+            "status": str,  # queued | running | done | failed | cancelled | interrupted
+            "error": str,
+            "bytes_done": int,
+            "bytes_total": int,
+            "created": str,
+            "updated": str,
+        },
+        pk="id",
+    )
+
+
 class Store:
     """Typed access to the database. Safe to share across threads: each thread gets its own
     connection (sqlite connections must not cross threads)."""
@@ -72,7 +89,7 @@ class Store:
         return _profile_row(rows[0]) if rows else None
 
     def save_profile(self, profile: dict[str, Any]) -> None:
-        now = datetime.now(UTC).isoformat()
+        now = _now()
         row = dict(profile)
         row["aliases"] = json.dumps(row.get("aliases") or [])
         row["pinned"] = int(bool(row.get("pinned")))
@@ -80,6 +97,37 @@ class Store:
         row["updated"] = now
         with self.db.conn:
             self.db["profiles"].upsert(row, pk="name")
+
+    # Downloads ------------------------------------------------------------------------------
+
+    def save_download(
+        self,
+        job_id: str,
+        repo: str,
+        status: str,
+        error: str | None = None,
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+    ) -> None:
+        row = {
+            "id": job_id,
+            "repo": repo,
+            "status": status,
+            "error": error,
+            "bytes_done": bytes_done,
+            "bytes_total": bytes_total,
+            "updated": _now(),
+        }
+        with self.db.conn:
+            if self.db["downloads"].count_where("id = ?", [job_id]):
+                self.db["downloads"].update(job_id, row)
+            else:
+                self.db["downloads"].insert({**row, "created": row["updated"]})
+
+    def unfinished_downloads(self) -> list[dict[str, Any]]:
+        return list(
+            self.db["downloads"].rows_where("status in ('queued', 'running')", order_by="created")
+        )
 
     def delete_profile(self, name: str) -> bool:
         with self.db.conn:
@@ -92,3 +140,7 @@ def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
     row["aliases"] = json.loads(row.get("aliases") or "[]")
     row["pinned"] = bool(row.get("pinned"))
     return row
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()

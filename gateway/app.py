@@ -57,6 +57,23 @@ async def unload_model(request: Request) -> Response:
     return JSONResponse(await request.app.state.manager.unload(body.model, force=body.force))
 
 
+async def start_download(request: Request) -> Response:
+    body = await parse_body(request, LoadBody)
+    manager: Manager = request.app.state.manager
+    return JSONResponse(await manager.download_model(body.model, wait=False), status_code=202)
+
+
+async def downloads(request: Request) -> Response:
+    return JSONResponse({"data": request.app.state.manager.download_status()})
+
+
+async def download(request: Request) -> Response:
+    manager: Manager = request.app.state.manager
+    if request.method == "DELETE":
+        return JSONResponse(await manager.cancel_download(request.path_params["id"]))
+    return JSONResponse(manager.download_status(request.path_params["id"]))
+
+
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -135,6 +152,9 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
         Route("/admin/workers", workers),
         Route("/admin/load", load_model, methods=["POST"]),
         Route("/admin/unload", unload_model, methods=["POST"]),
+        Route("/admin/downloads", downloads),
+        Route("/admin/downloads", start_download, methods=["POST"]),
+        Route("/admin/downloads/{id}", download, methods=["GET", "DELETE"]),
         # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
         # still gets this app's own OpenAI-shaped 404.
         *mcp_app.routes,

@@ -23,6 +23,7 @@ from config.settings import Settings
 from config.store import Store
 from gateway import errors
 from gateway.catalog import Catalog
+from gateway.downloads import DownloadProgress, Downloads, delete_from_cache, search
 from gateway.generation import GenerationRequest
 from gateway.hub import inspect_model
 from gateway.pool import ModelPool
@@ -41,6 +42,7 @@ class Manager:
         self.catalog = Catalog(settings, self.store)
         self.profiles = Profiles(self.catalog)
         self.pool = ModelPool(settings, self.catalog)
+        self.downloads = Downloads(settings, self.store)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -52,6 +54,7 @@ class Manager:
             *(p["name"] for p in self.store.profiles() if p["pinned"]),
         ]
         self._background(self.pool.preload(pinned))
+        self._background(self.downloads.resume_unfinished())
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -95,6 +98,59 @@ class Manager:
 
     async def _loaded_paths(self) -> set[str]:
         return {s["path"] for s in await self.list_loaded() if s["state"] == "ready"}
+
+    # Hub --------------------------------------------------------------------------------------
+
+    async def search_models(
+        self, query: str | None, author: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        author = author or self.settings.hf_organization or None
+        results = await asyncio.to_thread(search, query, author, limit)
+        local = {m.id for m in self.catalog.models()}
+        budget = (await self.memory())["budget_bytes"]
+        for r in results:
+            r["downloaded"] = r["id"] in local
+            size = r["size_bytes"]
+            r["fits_memory_budget"] = None if size is None else self.pool.estimate(size) <= budget
+        return results
+
+    async def download_model(
+        self, repo: str, progress: DownloadProgress | None = None, wait: bool = True
+    ) -> dict[str, Any]:
+        job = await self.downloads.start(repo)
+        if not wait:
+            return job.status_dict()
+        result = await self.downloads.wait(job, progress)
+        if result["status"] == "done":
+            self.catalog.refresh()
+        return result
+
+    def download_status(self, job_id: str | None = None) -> Any:
+        return self.downloads.get(job_id).status_dict() if job_id else self.downloads.list()
+
+    async def cancel_download(self, job_id: str) -> dict[str, Any]:
+        return await self.downloads.cancel(job_id)
+
+    async def delete_model(self, name: str, unload: bool = False) -> dict[str, Any]:
+        """Remove a model from the HF cache (all revisions). A loaded model is refused unless
+        `unload` asks to unload it first."""
+        resolved = self.pool.resolve(name)
+        model = resolved.model
+        if model.source != "hf-cache":
+            raise errors.InvalidRequest(
+                f"'{model.id}' is not in the Hugging Face cache (it is "
+                f"in {model.path}); delete that folder yourself.",
+                param="model",
+            )
+        if str(model.path) in await self._loaded_paths():
+            if not unload:
+                raise errors.Conflict(
+                    f"'{model.id}' is loaded; unload it first (or pass unload=true).", param="model"
+                )
+            await self.unload(model.id)
+        freed = await asyncio.to_thread(delete_from_cache, self.settings.hf_cache, model.id)
+        self.catalog.refresh()
+        return {"model": model.id, "deleted": True, "freed_bytes": freed}
 
     # Profiles (the database is shared: local in every mode) ---------------------------------
 
@@ -230,6 +286,23 @@ class RemoteManager(Manager):
 
     async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
         return await self._call("POST", "/admin/unload", {"model": name, "force": force})
+
+    async def download_model(
+        self, repo: str, progress: DownloadProgress | None = None, wait: bool = True
+    ) -> dict[str, Any]:
+        """The server downloads (so its job list and resume cover it); this polls."""
+        job = await self._call("POST", "/admin/downloads", {"model": repo})
+        while wait and job["status"] in ("queued", "running"):
+            if progress is not None:
+                await progress(job)
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            job = await self._call("GET", f"/admin/downloads/{job['id']}")
+        if progress is not None:
+            await progress(job)
+        return job
+
+    async def cancel_download(self, job_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/admin/downloads/{job_id}")
 
     async def chat(
         self,

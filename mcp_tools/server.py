@@ -82,24 +82,53 @@ def build_mcp(manager: Manager) -> MCPServer:
     async def search_models(
         query: Annotated[str, Field(description="Text to search for, e.g. 'qwen 4bit'.")],
         author: Annotated[
-            str | None, Field(description="Organization, e.g. mlx-community.")
+            str | None, Field(description="Organization, e.g. mlx-community (default: all).")
         ] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="Results at most.")] = 20,
     ) -> dict[str, Any]:
-        """Search the Hugging Face hub for MLX models (not available yet)."""
-        raise ToolError(_hub_not_ready("search_models"))
+        """Search the Hugging Face hub for MLX models, most downloaded first, with size, whether
+        each is already downloaded and whether it fits the memory budget."""
+        return {"models": await manager.search_models(query, author, limit)}
 
     @tool
     async def download_model(
         model: Annotated[str, Field(description="Hub id, e.g. mlx-community/Qwen3-0.6B-4bit.")],
+        ctx: Context,
     ) -> dict[str, Any]:
-        """Download a model from the Hugging Face hub (not available yet)."""
-        raise ToolError(_hub_not_ready("download_model"))
+        """Download a model into the Hugging Face cache (only the files serving needs), with
+        progress notifications. A download already running for it is joined. Interrupted
+        downloads resume."""
+
+        async def progress(job: dict[str, Any]) -> None:
+            await ctx.report_progress(
+                job["bytes_done"], job["bytes_total"] or None, f"{job['model']}: {job['status']}"
+            )
+
+        result = await manager.download_model(model, progress)
+        if result["status"] != "done":
+            raise ServiceError(f"Download of {model} {result['status']}: {result['error']}")
+        return result
 
     @tool
-    async def delete_model(model: ModelName) -> dict[str, Any]:
-        """Delete a downloaded model from the Hugging Face cache (not available yet)."""
-        raise ToolError(_hub_not_ready("delete_model"))
+    async def list_downloads() -> dict[str, Any]:
+        """Download jobs of this server with status, bytes done/total, rate and ETA."""
+        return {"downloads": manager.download_status()}
+
+    @tool
+    async def cancel_download(
+        id: Annotated[str, Field(description="The job id from download_model/list_downloads.")],
+    ) -> dict[str, Any]:
+        """Cancel a running download; files already complete are kept for a later resume."""
+        return await manager.cancel_download(id)
+
+    @tool
+    async def delete_model(
+        model: ModelName,
+        unload: Annotated[bool, Field(description="Unload it first if it is loaded.")] = False,
+    ) -> dict[str, Any]:
+        """Delete a downloaded model from the Hugging Face cache (every revision) and report
+        the space freed. Refused while the model is loaded unless unload is true."""
+        return await manager.delete_model(model, unload)
 
     # Profiles ---------------------------------------------------------------------------------
 
@@ -226,10 +255,3 @@ def build_mcp(manager: Manager) -> MCPServer:
         return json.dumps(await manager.list_loaded())
 
     return mcp
-
-
-def _hub_not_ready(tool: str) -> str:
-    return (
-        f"{tool} is not available yet: Hugging Face hub support (search, download, delete) "
-        "is still being built. Local models (list_models) can be used now."
-    )

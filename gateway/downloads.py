@@ -1,0 +1,332 @@
+"""The remote half of the hub: search, background downloads and delete, on huggingface_hub.
+
+A download is a job (kept in the database, so unfinished ones resume after a restart) that
+fetches only the files a model needs, one by one, into the standard HF cache. Resuming keeps
+every file already complete; a file cut off midway starts over (huggingface_hub 2.x writes each
+file to a fresh temporary file, deliberately). `config.json` comes last: the local scan lists a
+snapshot only once it holds config.json, so a half-downloaded model is never offered as usable,
+even after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+from config.store import Store
+from gateway import errors
+
+NEEDED = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "model.safetensors.index.json",
+}
+DownloadProgress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def needed(name: str) -> bool:
+    """The files serving a model needs: config, tokenizer, weights, chat template."""
+    return "/" not in name and (name in NEEDED or name.endswith((".safetensors", ".tiktoken")))
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def check_online() -> None:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise errors.ModelUnavailable(
+            "The Hugging Face hub is off (HF_HUB_OFFLINE=1): searching and downloading need it. "
+            "Local models are listed and served as usual."
+        )
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    repo: str
+    status: str = "queued"  # queued | running | done | failed | cancelled
+    bytes_total: int = 0
+    bytes_done: int = 0
+    files_total: int = 0
+    files_done: int = 0
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _base: int = 0  # bytes of files already complete
+
+    def status_dict(self) -> dict[str, Any]:
+        elapsed = max(time.time() - self.started, 1e-6)
+        rate = self.bytes_done / elapsed if self.status == "running" else None
+        left = self.bytes_total - self.bytes_done
+        return {
+            "id": self.id,
+            "model": self.repo,
+            "status": self.status,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "files_done": self.files_done,
+            "files_total": self.files_total,
+            "bytes_per_second": round(rate) if rate else None,
+            "eta_seconds": round(left / rate, 1) if rate else None,
+            "error": self.error,
+        }
+
+    def progress_class(self) -> type:
+        """A tqdm stand-in for hf_hub_download: counts bytes into the job, and stops the
+        download when the job is cancelled."""
+        job = self
+
+        class Progress:
+            def __init__(self, *args: Any, initial: int = 0, **kwargs: Any) -> None:
+                self.n = initial
+                job.bytes_done = job._base + initial
+
+            def update(self, n: int = 1) -> None:
+                if job.cancel.is_set():
+                    raise Cancelled
+                self.n += n
+                job.bytes_done = job._base + self.n
+
+            def __enter__(self) -> Progress:
+                return self
+
+            def __exit__(self, *exc: Any) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+            def set_description(self, *a: Any, **k: Any) -> None:
+                pass
+
+            def reset(self, total: int | None = None) -> None:
+                self.n = 0
+
+            def refresh(self) -> None:
+                pass
+
+        return Progress
+
+
+class Downloads:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.jobs: dict[str, Job] = {}  # by id; running ones also by repo in _active
+        self._active: dict[str, Job] = {}
+
+    async def start(self, repo: str) -> Job:
+        """Start downloading `repo`, or join the download already running for it."""
+        check_online()
+        part = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+        if not re.fullmatch(f"{part}/{part}", repo) or ".." in repo:
+            raise errors.InvalidRequest(
+                f"'{repo}' is not a hub model id (org/name).", param="model"
+            )
+        job = self._active.get(repo)
+        if job is not None:
+            return job
+        job = Job(uuid.uuid4().hex[:12], repo)
+        self.jobs[job.id] = job
+        self._active[repo] = job
+        self.store.save_download(job.id, repo, "queued")
+        asyncio.ensure_future(self._run(job))
+        return job
+
+    async def _run(self, job: Job) -> None:
+        try:
+            job.status = "running"
+            self.store.save_download(job.id, job.repo, "running")
+            await asyncio.to_thread(self._fetch, job)
+            job.status = "done"
+        except Cancelled:
+            job.status, job.error = "cancelled", "cancelled on request"
+        except Exception as e:  # every failure is reported with its reason
+            job.status, job.error = "failed", _reason(e, job.repo)
+        finally:
+            self._active.pop(job.repo, None)
+            self.store.save_download(
+                job.id, job.repo, job.status, job.error, job.bytes_done, job.bytes_total
+            )
+            job.finished.set()
+
+    def _fetch(self, job: Job) -> None:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        info = HfApi(endpoint=endpoint(), token=_token()).model_info(job.repo, files_metadata=True)
+        files = sorted(
+            (s for s in info.siblings or [] if needed(s.rfilename)),
+            key=lambda s: (s.rfilename == "config.json", s.rfilename),
+        )
+        if not any(s.rfilename == "config.json" for s in files):
+            raise ValueError(f"'{job.repo}' has no config.json: it is not a model mlx-lm loads")
+        job.files_total = len(files)
+        job.bytes_total = sum(s.size or 0 for s in files)
+        for s in files:
+            if job.cancel.is_set():
+                raise Cancelled
+            hf_hub_download(
+                job.repo,
+                s.rfilename,
+                revision=info.sha,
+                cache_dir=str(self.settings.hf_cache),
+                endpoint=endpoint(),
+                token=_token(),
+                tqdm_class=job.progress_class(),
+            )
+            job._base += s.size or 0
+            job.bytes_done = job._base
+            job.files_done += 1
+
+    async def wait(self, job: Job, progress: DownloadProgress | None = None) -> dict[str, Any]:
+        """Wait for a job, reporting its progress every half second."""
+        while not job.finished.is_set():
+            if progress is not None:
+                await progress(job.status_dict())
+            try:
+                await asyncio.wait_for(job.finished.wait(), 0.5)
+            except TimeoutError:
+                pass
+        if progress is not None:
+            await progress(job.status_dict())
+        return job.status_dict()
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise errors.NotFound(f"No download job '{job_id}'.", param="id")
+        return job
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        job.cancel.set()
+        await job.finished.wait()
+        return job.status_dict()
+
+    def list(self) -> list[dict[str, Any]]:
+        return [j.status_dict() for j in self.jobs.values()]
+
+    async def resume_unfinished(self) -> None:
+        """Jobs that were queued or running when the server stopped start again; files
+        already complete are kept."""
+        for row in self.store.unfinished_downloads():
+            self.store.save_download(row["id"], row["repo"], "interrupted")
+            try:
+                await self.start(row["repo"])
+            except errors.ServiceError:
+                pass
+
+    def in_progress(self) -> set[str]:
+        return set(self._active)
+
+
+def _reason(e: Exception, repo: str) -> str:
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return (
+            f"gated: '{repo}' needs you to accept its terms on the hub and a token with "
+            "access (set HF_TOKEN)"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return f"not found: there is no model '{repo}' on the hub (or it is private)"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "disk full: free space in the Hugging Face cache and retry (the download resumes)"
+    if isinstance(e, HfHubHTTPError):
+        return f"hub error: {e}"
+    if type(e).__module__.startswith(("httpx", "httpcore", "requests")) or isinstance(
+        e, ConnectionError | TimeoutError
+    ):
+        return f"network: could not reach {endpoint()} ({type(e).__name__})"
+    return f"{type(e).__name__}: {e}"
+
+
+# Search -----------------------------------------------------------------------------------------
+
+
+def estimate_size(repo_id: str) -> int | None:
+    """Bytes from a name like 'Qwen3-8B-4bit': parameters × bits / 8."""
+    m = re.search(r"(\d+(?:\.\d+)?)([bBmM])(?![a-zA-Z])", repo_id)
+    if not m:
+        return None
+    params = float(m.group(1)) * (1e9 if m.group(2) in "bB" else 1e6)
+    bits_m = re.search(r"(\d+)[-_]?bit", repo_id, re.I)
+    bits = int(bits_m.group(1)) if bits_m else 16
+    return int(params * bits / 8)
+
+
+def search(
+    query: str | None, author: str | None, limit: int, mlx_only: bool = True
+) -> list[dict[str, Any]]:
+    """Hub models, most downloaded first."""
+    check_online()
+    from huggingface_hub import HfApi
+
+    try:
+        found = HfApi(endpoint=endpoint(), token=_token()).list_models(
+            search=query or None,
+            author=author or None,
+            filter="mlx" if mlx_only else None,
+            sort="downloads",
+            limit=limit,
+            expand=["downloads", "likes", "lastModified", "usedStorage", "safetensors"],
+        )
+        models = list(found)
+    except Exception as e:
+        raise errors.ModelUnavailable(
+            f"Searching the hub failed: {_reason(e, query or '')}"
+        ) from None
+    results = []
+    for m in models:
+        size = getattr(m, "used_storage", None) or getattr(m, "usedStorage", None)
+        results.append(
+            {
+                "id": m.id,
+                "downloads": m.downloads,
+                "likes": m.likes,
+                "last_modified": m.last_modified.isoformat() if m.last_modified else None,
+                "size_bytes": size or estimate_size(m.id),
+                "size_is_estimate": not size,
+            }
+        )
+    return results
+
+
+def delete_from_cache(cache: Path, repo_id: str) -> int:
+    """Remove a model (every revision, its blobs and refs) from the HF cache; bytes freed."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    if not folder.is_dir():
+        raise errors.NotFound(f"'{repo_id}' is not in the Hugging Face cache.", param="model")
+    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(folder)
+    return freed
