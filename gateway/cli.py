@@ -207,6 +207,37 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return _run(args, lambda m: m.unload(args.name, force=args.force))
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    return _run(args, lambda m: m.search_models(args.query, args.author, args.limit))
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download a model with a progress bar (in the running server when one is up)."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=args.name, file=sys.stderr)
+
+    async def progress(job: dict[str, Any]) -> None:
+        if job["bytes_total"] and bar.total != job["bytes_total"]:
+            bar.total = job["bytes_total"]
+        bar.update(job["bytes_done"] - bar.n)
+
+    async def pull(manager: Manager) -> dict[str, Any]:
+        try:
+            job = await manager.download_model(args.name, progress)
+        finally:
+            bar.close()
+        if job["status"] != "done":
+            raise ServiceError(f"Download of {args.name} {job['status']}: {job['error']}")
+        return job
+
+    return _run(args, pull)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    return _run(args, lambda m: m.delete_model(args.name, unload=args.unload))
+
+
 PROFILE_FIELDS = {
     "model": str,
     "temperature": float,
@@ -282,6 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     unload.add_argument("name")
     unload.add_argument("--force", action="store_true", help="cancel running requests")
     unload.set_defaults(func=cmd_unload)
+    search = client("search", "search the Hugging Face hub for MLX models")
+    search.add_argument("query", nargs="?", default="")
+    search.add_argument("--author", help="organization, e.g. mlx-community")
+    search.add_argument("--limit", type=int, default=20)
+    search.set_defaults(func=cmd_search)
+    pull = client("pull", "download a model from the Hugging Face hub")
+    pull.add_argument("name", help="hub id, e.g. mlx-community/Qwen3-0.6B-4bit")
+    pull.set_defaults(func=cmd_pull)
+    rm = client("rm", "delete a downloaded model from the Hugging Face cache")
+    rm.add_argument("name")
+    rm.add_argument("--unload", action="store_true", help="unload it first if it is loaded")
+    rm.set_defaults(func=cmd_rm)
     profiles = client("profiles", "list, show, create, update or delete profiles")
     profiles.add_argument(
         "action", choices=["list", "show", "create", "update", "delete"], nargs="?", default="list"

@@ -57,12 +57,30 @@ def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
+_reachable_until = 0.0  # a successful probe is trusted for a minute
+
+
 def check_online() -> None:
+    """Fail at once, with a clear message, when the hub is off or cannot be reached:
+    huggingface_hub itself retries a dead connection with backoff for many seconds."""
+    global _reachable_until
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise errors.ModelUnavailable(
             "The Hugging Face hub is off (HF_HUB_OFFLINE=1): searching and downloading need it. "
             "Local models are listed and served as usual."
         )
+    if time.monotonic() < _reachable_until:
+        return
+    import httpx
+
+    try:
+        httpx.head(endpoint(), timeout=3.0)
+    except httpx.HTTPError as e:
+        raise errors.ModelUnavailable(
+            f"network: the Hugging Face hub at {endpoint()} cannot be reached "
+            f"({type(e).__name__}). Local models are listed and served as usual."
+        ) from None
+    _reachable_until = time.monotonic() + 60
 
 
 class Cancelled(Exception):
@@ -147,7 +165,7 @@ class Downloads:
 
     async def start(self, repo: str) -> Job:
         """Start downloading `repo`, or join the download already running for it."""
-        check_online()
+        await asyncio.to_thread(check_online)
         part = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
         if not re.fullmatch(f"{part}/{part}", repo) or ".." in repo:
             raise errors.InvalidRequest(

@@ -237,3 +237,47 @@ def test_concurrent_mcp_downloads_join(server: Server) -> None:
     for t in threads:
         t.join(120)
     assert len({r["id"] for r in results}) == 1 and results[0]["status"] == "done"
+
+
+def test_cli_search_pull_rm(models: Models, hub: FakeHub, tmp_path: Path) -> None:
+    from tests.server import free_port
+    from tests.test_cli import as_json, cli
+
+    env = {
+        "MLX_MANAGER_MODEL_DIRS": str(models.folder),
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "MLX_MANAGER_HOME": str(tmp_path / "home"),
+        "MLX_MANAGER_PORT": str(free_port()),
+    }
+    found = as_json(env, "search", "tiny", "--author", "mlx-community")
+    assert found[0]["id"] == "mlx-community/tiny-other-8bit"
+    repo = "mlx-community/tiny-chat-4bit"
+    pulled = cli(env, "pull", repo)  # no server: the CLI downloads itself
+    assert pulled.returncode == 0, pulled.stderr
+    assert "100%" in pulled.stderr  # the progress bar
+    assert repo in {m["id"] for m in as_json(env, "models")}
+    failed = cli(env, "pull", "mlx-community/no-such-model")
+    assert failed.returncode == 1 and "not found" in failed.stderr
+    removed = as_json(env, "rm", repo)
+    assert removed["freed_bytes"] > 0
+    assert repo not in {m["id"] for m in as_json(env, "models")}
+
+
+def test_network_failure_is_reported(models: Models, tmp_path: Path) -> None:
+    from tests.server import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {
+        "MLX_MANAGER_MODEL_DIRS": str(models.folder),
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "HF_ENDPOINT": closed,
+        "HF_HUB_OFFLINE": "0",
+    }
+    srv = start_server(tmp_path / "home", env)
+    try:
+        assert "network" in error(mcp(srv), "search_models", query="tiny")
+        assert "network" in error(mcp(srv), "download_model", model="mlx-community/x")
+    finally:
+        srv.stop()

@@ -37,6 +37,8 @@ TOOLS = {
     "unload_model",
     "chat",
     "system_info",
+    "list_downloads",
+    "cancel_download",
 }
 HELLO = [{"role": "user", "content": "hello world"}]
 
@@ -105,10 +107,13 @@ def test_list_models_and_model_info(url: str) -> None:
     assert "does not exist" in error(url, "model_info", model="no-such-model")
 
 
-def test_hub_tools_say_not_available_yet(url: str) -> None:
-    assert "not available yet" in error(url, "search_models", query="qwen")
-    assert "not available yet" in error(url, "download_model", model="org/x")
-    assert "not available yet" in error(url, "delete_model", model="tiny-a")
+def test_hub_tools_offline_and_bad_paths(url: str) -> None:
+    # The shared test server runs with HF_HUB_OFFLINE=1 (tests/test_hub.py covers the hub).
+    assert "HF_HUB_OFFLINE" in error(url, "search_models", query="qwen")
+    assert "HF_HUB_OFFLINE" in error(url, "download_model", model="org/x")
+    assert "not in the Hugging Face cache" in error(url, "delete_model", model="tiny-a")
+    assert "No download job" in error(url, "cancel_download", id="nope")
+    assert call(url, "list_downloads") == {"downloads": []}
 
 
 def test_profile_from_mcp_is_usable_in_v1_with_its_defaults(
