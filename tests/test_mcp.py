@@ -335,3 +335,19 @@ def test_stdio_uses_the_running_server(models: Models, tmp_path: Path) -> None:
         assert w["pid"] in {p.pid for p in me}
     finally:
         server.stop()
+
+
+def test_model_info_hints(url: str, models: Models, tmp_path: Path) -> None:
+    import shutil
+
+    folder = shutil.copytree(models.path("tiny-a"), tmp_path / "hinted")
+    template = folder / "chat_template.jinja"
+    template.write_text("{% if tools %}{{ tools }}{% endif %}<think>{{ messages }}</think>")
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"quantization": {"bits": 4, "group_size": 64}, "vision_config": {}}
+    (folder / "config.json").write_text(json.dumps(config))
+    info = call(url, "model_info", model=str(folder))  # an absolute path is a model name too
+    assert (info["tool_calling"], info["reasoning"], info["multimodal"]) == (True, True, True)
+    assert info["quantization"] == {"bits": 4, "group_size": 64}
+    plain = call(url, "model_info", model="tiny-a")
+    assert (plain["tool_calling"], plain["reasoning"], plain["multimodal"]) == (False,) * 3
