@@ -1,11 +1,12 @@
 """The remote half of the hub: search, background downloads and delete, on huggingface_hub.
 
 A download is a job (kept in the database, so unfinished ones resume after a restart) that
-fetches only the files a model needs, one by one, into the standard HF cache. Resuming keeps
-every file already complete; a file cut off midway starts over (huggingface_hub 2.x writes each
-file to a fresh temporary file, deliberately). `config.json` comes last: the local scan lists a
-snapshot only once it holds config.json, so a half-downloaded model is never offered as usable,
-even after a crash.
+fetches only the files a model needs, one by one, into the standard HF cache layout.
+huggingface_hub finds each file (metadata, redirects, etags); the bytes are streamed here, into a
+`blobs/<etag>.incomplete` part that survives a cancel, a crash or a restart and is resumed with a
+range request (hf_hub_download 2.x restarts a cut-off file from zero, in a fresh temporary file).
+`config.json` comes last: the local scan lists a snapshot only once it holds config.json, so a
+half-downloaded model is never offered as usable.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Job:
     started: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _base: int = 0  # bytes of files already complete
+    _base: int = 0  # bytes of the files already complete
 
     def status_dict(self) -> dict[str, Any]:
         elapsed = max(time.time() - self.started, 1e-6)
@@ -118,42 +119,6 @@ class Job:
             "eta_seconds": round(left / rate, 1) if rate else None,
             "error": self.error,
         }
-
-    def progress_class(self) -> type:
-        """A tqdm stand-in for hf_hub_download: counts bytes into the job, and stops the
-        download when the job is cancelled."""
-        job = self
-
-        class Progress:
-            def __init__(self, *args: Any, initial: int = 0, **kwargs: Any) -> None:
-                self.n = initial
-                job.bytes_done = job._base + initial
-
-            def update(self, n: int = 1) -> None:
-                if job.cancel.is_set():
-                    raise Cancelled
-                self.n += n
-                job.bytes_done = job._base + self.n
-
-            def __enter__(self) -> Progress:
-                return self
-
-            def __exit__(self, *exc: Any) -> None:
-                pass
-
-            def close(self) -> None:
-                pass
-
-            def set_description(self, *a: Any, **k: Any) -> None:
-                pass
-
-            def reset(self, total: int | None = None) -> None:
-                self.n = 0
-
-            def refresh(self) -> None:
-                pass
-
-        return Progress
 
 
 class Downloads:
@@ -199,7 +164,7 @@ class Downloads:
             job.finished.set()
 
     def _fetch(self, job: Job) -> None:
-        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import HfApi
 
         info = HfApi(endpoint=endpoint(), token=_token()).model_info(job.repo, files_metadata=True)
         files = sorted(
@@ -213,15 +178,7 @@ class Downloads:
         for s in files:
             if job.cancel.is_set():
                 raise Cancelled
-            hf_hub_download(
-                job.repo,
-                s.rfilename,
-                revision=info.sha,
-                cache_dir=str(self.settings.hf_cache),
-                endpoint=endpoint(),
-                token=_token(),
-                tqdm_class=job.progress_class(),
-            )
+            fetch_file(self.settings.hf_cache, job, s.rfilename, info.sha)
             job._base += s.size or 0
             job.bytes_done = job._base
             job.files_done += 1
@@ -287,6 +244,66 @@ def _reason(e: Exception, repo: str) -> str:
     ):
         return f"network: could not reach {endpoint()} ({type(e).__name__})"
     return f"{type(e).__name__}: {e}"
+
+
+CHUNK = 1 << 20
+
+
+def fetch_file(cache: Path, job: Job, filename: str, commit: str) -> Path:
+    """One file into the HF cache layout (blobs/<etag>, snapshots/<commit>/<file> -> blob,
+    refs/main), resuming from `blobs/<etag>.incomplete` with an HTTP range request. Bytes are
+    counted into the job per 1 MiB, and a cancel stops at the next chunk, keeping the part."""
+    import httpx
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    repo_dir = cache / ("models--" + job.repo.replace("/", "--"))
+    pointer = repo_dir / "snapshots" / commit / filename
+    url = hf_hub_url(job.repo, filename, revision=commit, endpoint=endpoint())
+    meta = get_hf_file_metadata(url, token=_token(), endpoint=endpoint())
+    etag = (meta.etag or "").strip('"').removeprefix("W/").strip('"')
+    if not etag:
+        raise ValueError(f"the hub gave no ETag for {filename}")
+    blob = repo_dir / "blobs" / etag
+    if not blob.exists():
+        part = blob.with_name(etag + ".incomplete")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        done = part.stat().st_size if part.exists() else 0
+        headers = build_hf_headers(token=_token())
+        location = meta.location or url
+        if httpx.URL(location).host != httpx.URL(endpoint()).host:
+            headers.pop("authorization", None)  # a signed CDN URL needs no token
+        if done:
+            headers["Range"] = f"bytes={done}-"
+        job.bytes_done = job._base + done
+        with httpx.stream(
+            "GET",
+            location,
+            headers=headers,
+            follow_redirects=True,
+            timeout=httpx.Timeout(30.0, read=60.0),
+        ) as r:
+            if r.status_code == 416 or (done and r.status_code == 200):
+                done = 0  # the server ignored the range: start over
+            r.raise_for_status()
+            with part.open("ab" if done else "wb") as f:
+                for chunk in r.iter_bytes(CHUNK):
+                    f.write(chunk)  # kept before a cancel: what arrived is not lost
+                    done += len(chunk)
+                    job.bytes_done = job._base + done
+                    if job.cancel.is_set():
+                        raise Cancelled
+        if meta.size is not None and part.stat().st_size != meta.size:
+            part.unlink()
+            raise ValueError(f"{filename}: got {done} bytes, expected {meta.size}; retry")
+        part.replace(blob)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if pointer.is_symlink() or pointer.exists():
+        pointer.unlink()
+    pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return pointer
 
 
 # Search -----------------------------------------------------------------------------------------

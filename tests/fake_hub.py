@@ -166,6 +166,7 @@ class FakeHub:
         start = 0
         if "range" in request.headers:
             start = int(request.headers["range"].split("=")[1].split("-")[0])
+            self.requests.append(f"RANGE {start} {request.url.path}")
         body = data[start:]
         headers["Content-Length"] = str(len(body))
         if request.method == "HEAD":

@@ -139,8 +139,8 @@ def test_join_cancel_and_resume(server: Server, hub: FakeHub) -> None:
         first = httpx.post(server.url + "/admin/downloads", json={"model": repo}).json()
         second = httpx.post(server.url + "/admin/downloads", json={"model": repo}).json()
         assert second["id"] == first["id"]  # joined, not a second download
-        # The weights stream for seconds (throttled); progress comes per ~10 MB read, so
-        # the hub's own log is what shows the download is midway.
+        # The weights stream for seconds (throttled): cancel once the hub's log shows they
+        # started.
         server.wait_for(
             lambda: any(
                 f"/{repo}/resolve/" in r and r.endswith("model.safetensors") for r in hub.requests
@@ -156,10 +156,12 @@ def test_join_cancel_and_resume(server: Server, hub: FakeHub) -> None:
         hub.delay = 0
         resumed = call(mcp(server), "download_model", model=repo)
         assert resumed["status"] == "done"
-        # Files completed before the cancel were kept: only the one cut off is fetched again.
+        # The weights resumed from the part on disk: a range request from past zero.
+        ranges = [r for r in hub.requests if r.startswith("RANGE") and repo in r]
+        assert ranges and int(ranges[-1].split()[1]) > 0, ranges
         gets = [r for r in hub.requests if r.startswith(f"GET /{repo}/")]
         refetched = set(gets[len(fetched_before) :]) & set(fetched_before)
-        assert refetched <= set(fetched_before[-1:]), refetched
+        assert refetched <= set(fetched_before[-1:]), refetched  # only the one cut off
         assert repo in {m["id"] for m in call(mcp(server), "list_models")["models"]}
     finally:
         hub.delay = 0
@@ -174,13 +176,11 @@ def test_download_resumes_after_the_server_is_killed(
     try:
         started = httpx.post(srv.url + "/admin/downloads", json={"model": repo})
         assert started.status_code == 202 and started.json()["status"] in ("queued", "running")
-        # The weights stream for seconds (throttled); progress comes per ~10 MB read, so
-        # the hub's own log is what shows the download is midway.
+        # Kill it once part of the weights is on disk (the throttled stream takes seconds).
+        blobs = tmp_path / "hf" / ("models--" + repo.replace("/", "--")) / "blobs"
         srv.wait_for(
-            lambda: any(
-                f"/{repo}/resolve/" in r and r.endswith("model.safetensors") for r in hub.requests
-            ),
-            what="the weights to start",
+            lambda: any(p.stat().st_size > 0 for p in blobs.glob("*.incomplete")),
+            what="part of the weights on disk",
         )
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(30)
@@ -194,6 +194,8 @@ def test_download_resumes_after_the_server_is_killed(
             return any(r["model"] == repo and r["status"] == "done" for r in rows)
 
         again.wait_for(finished, timeout=60, what="the interrupted download to resume")
+        ranges = [r for r in hub.requests if r.startswith("RANGE") and repo in r]
+        assert ranges and int(ranges[-1].split()[1]) > 0, ranges  # from the part on disk
         assert repo in {m["id"] for m in call(mcp(again), "list_models")["models"]}
     finally:
         again.stop()
