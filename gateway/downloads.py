@@ -175,6 +175,11 @@ class Downloads:
             raise ValueError(f"'{job.repo}' has no config.json: it is not a model mlx-lm loads")
         job.files_total = len(files)
         job.bytes_total = sum(s.size or 0 for s in files)
+        cache = self.settings.hf_cache
+        cache.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache).free
+        if free < job.bytes_total:  # fail before fetching, not when the disk fills up
+            raise OSError(errno.ENOSPC, f"needs {job.bytes_total} bytes, {free} free in {cache}")
         for s in files:
             if job.cancel.is_set():
                 raise Cancelled
@@ -236,7 +241,10 @@ def _reason(e: Exception, repo: str) -> str:
     if isinstance(e, RepositoryNotFoundError):
         return f"not found: there is no model '{repo}' on the hub (or it is private)"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return "disk full: free space in the Hugging Face cache and retry (the download resumes)"
+        return (
+            f"disk full: {e.strerror}. Free space in the Hugging Face cache and retry "
+            "(the download resumes)"
+        )
     if isinstance(e, HfHubHTTPError):
         return f"hub error: {e}"
     if type(e).__module__.startswith(("httpx", "httpcore", "requests")) or isinstance(
