@@ -309,3 +309,19 @@ def test_disk_full_is_reported(models: Models, hub: FakeHub, tmp_path: Path) -> 
             srv.stop()
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("repo", "size"),
+    [
+        ("mlx-community/Qwen3-8B-4bit", 4_000_000_000),
+        ("mlx-community/Llama-3.2-1B-Instruct-8bit", 1_000_000_000),
+        ("mlx-community/gemma-3-270m-it-bf16", 540_000_000),
+        ("mlx-community/Qwen3-0.6B-4bit", 300_000_000),
+        ("mlx-community/phi-2", None),
+    ],
+)
+def test_size_estimate_from_the_name(repo: str, size: int | None) -> None:
+    from gateway.downloads import estimate_size
+
+    assert estimate_size(repo) == size
