@@ -20,3 +20,37 @@ def test_ruff_clean() -> None:
         [sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_runtime_imports_are_declared_dependencies() -> None:
+    """What gateway/, config/ and mcp_tools/ import must be installed by `pip install -e .`
+    alone: a module only the test extra brings would break README's serve command."""
+    import ast
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {
+        re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
+        for d in project["dependencies"]
+    }
+    own = {"gateway", "config", "mcp_tools"}
+    dists = packages_distributions()
+    missing = {}
+    for package in own:
+        for path in (ROOT / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in own or top in sys.stdlib_module_names or top == "__future__":
+                        continue
+                    owners = {d.lower().replace("_", "-") for d in dists.get(top, [top])}
+                    if not owners & declared:
+                        missing[top] = f"{path.relative_to(ROOT)} (from {sorted(owners)})"
+    assert not missing, f"imported but not declared in [project.dependencies]: {missing}"
