@@ -37,8 +37,9 @@ class Catalog:
         self._models = {m.id: m for m in models}
         return models
 
-    def models(self, refresh: bool = True) -> list[LocalModel]:
-        return self.refresh() if refresh else list(self._models.values())
+    def models(self) -> list[LocalModel]:
+        """A fresh scan: models added or removed on disk show up at once."""
+        return self.refresh()
 
     def get(self, model_id: str) -> LocalModel | None:
         model = self._models.get(model_id)

@@ -9,7 +9,6 @@ import logging
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -70,9 +69,6 @@ class WorkerHandle:
         self.on_exit = on_exit  # told once when the worker dies or fails, not when stopped
         self.state = "loading"  # loading -> ready -> stopped | failed
         self.info: dict[str, Any] = {}
-        self.started_at = time.time()
-        self.last_used = time.time()
-        self.requests_served = 0
         self.worker_active = 0  # sequences the worker itself reports running
         self.generated_tokens = 0
         self.error: str | None = None
@@ -112,7 +108,6 @@ class WorkerHandle:
             raise ModelUnavailable(f"Model '{self.model.id}' is not loaded (state {self.state}).")
         rid = f"r{next(_rids)}"
         self._sinks[rid] = sink
-        self.last_used = time.time()
         self._conn.send(("gen", rid, req))
         return rid
 
@@ -123,7 +118,6 @@ class WorkerHandle:
                 self._conn.send(("cancel", rid))
             except OSError:
                 pass
-            self.last_used = time.time()
 
     # Events from the worker -----------------------------------------------------------------
 
@@ -150,8 +144,6 @@ class WorkerHandle:
                     continue  # a cancelled request's last tokens
                 if tag in ("f", "e"):
                     del sinks[ev[1]]
-                    self.requests_served += tag == "f"
-                    self.last_used = time.time()
                 sink(ev)
         elif msg[0] == "warm":
             pass  # imports done; the load message is already on its way
@@ -232,22 +224,3 @@ class WorkerHandle:
                 proc.kill()
                 await asyncio.to_thread(proc.wait, timeout)
         self._close_pipe()
-
-    def status(self) -> dict[str, Any]:
-        now = time.time()
-        return {
-            "model": self.model.id,
-            "path": str(self.model.path),
-            "state": self.state,
-            "pid": self.pid,
-            "memory_bytes": self.info.get("memory_bytes"),
-            "context_length": self.info.get("context_length"),
-            "load_seconds": self.info.get("load_seconds"),
-            "uptime_seconds": round(now - self.started_at, 3),
-            "idle_seconds": round(now - self.last_used, 3) if not self._sinks else 0.0,
-            "in_flight": self.in_flight,
-            "worker_active": self.worker_active,
-            "generated_tokens": self.generated_tokens,
-            "requests_served": self.requests_served,
-            "error": self.error,
-        }

@@ -23,7 +23,7 @@ import fnmatch
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,6 @@ class MemoryEstimate:
 
 
 LOADED_STATES = ("loading", "ready", "draining")
-Progress = Callable[[str, float], Awaitable[None] | None]
 
 
 @dataclass(eq=False)
@@ -560,15 +559,11 @@ class ModelPool:
 
     # Explicit control (service layer for HTTP, MCP and CLI) -----------------------------------
 
-    async def load(self, name: str, on_progress: Progress | None = None) -> dict[str, Any]:
+    async def load(self, name: str) -> dict[str, Any]:
         """Load a model (if needed) and keep it: its idle TTL starts now."""
         resolved = self.resolve(name)
         slot = self._slot(resolved)
-        if on_progress is not None and slot.state != "ready":
-            await _maybe_await(on_progress("loading", 0.0))
         (await self.acquire(resolved)).release(served=False)
-        if on_progress is not None:
-            await _maybe_await(on_progress("ready", 1.0))
         return self.slot_status(slot)
 
     async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
@@ -673,8 +668,3 @@ class ModelPool:
             ),
             return_exceptions=True,
         )
-
-
-async def _maybe_await(value: Awaitable[None] | None) -> None:
-    if value is not None:
-        await value

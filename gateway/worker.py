@@ -291,7 +291,7 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
         import mlx_lm
 
         model, tokenizer, config = mlx_lm.load(model_path, return_config=True)
-        context = options.get("context_length") or context_length_of(config) or 4096
+        context = context_length_of(config) or 4096
     except BaseException as e:  # noqa: BLE001 - any load failure is reported, not raised
         try:
             conn.send(("load_error", f"{type(e).__name__}: {e}", traceback.format_exc()))
