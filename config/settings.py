@@ -51,6 +51,15 @@ class Settings:
     allowed_models: list[str] = field(default_factory=list)  # glob patterns; empty: all
     hf_organization: str = ""  # default author filter of model search; empty: all
     warm_spare: bool = True  # keep one worker process with MLX imported, for fast cold loads
+    # Access (gateway/keys.py). A key here works like one made by `mlx-manager keys create`.
+    api_key: str = field(default="", repr=False)
+    insecure_no_auth: bool = False  # allow a non-loopback bind with no API key
+    # Request limits (gateway/limits.py): each violation is a 4xx naming the limit.
+    max_body_bytes: str = "16MiB"
+    max_tokens_limit: int = 32768  # the largest max_tokens a request may ask for
+    max_messages: int = 2048
+    max_prompt_chars: int = 2_000_000  # per prompt, all messages together
+    max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
 
     @property
     def db_path(self) -> Path:
@@ -70,6 +79,15 @@ class Settings:
 
     def memory_budget_bytes(self, total_memory: int) -> int:
         return parse_size(self.memory_budget, total_memory)
+
+    @property
+    def body_limit_bytes(self) -> int:
+        return parse_size(self.max_body_bytes, 0)
+
+    def token_file(self) -> Path:
+        """Where a running server leaves a key for local clients (the CLI, `mlx-manager mcp`):
+        whoever can read this folder can already edit the key table itself."""
+        return self.home / f"server-{self.port}.token"
 
 
 _UNITS = {
@@ -136,9 +154,14 @@ def _coerce(name: str, value: Any) -> Any:
     if name in ("preload", "allowed_models"):
         items = value.split(",") if isinstance(value, str) else list(value)
         return [str(p).strip() for p in items if str(p).strip()]
-    if name in ("port", "batch_size", "max_queue"):
+    if name in ("port", "max_concurrent_per_key"):
         number = int(value)
-        if number < (0 if name == "port" else 1):
+        if number < 0:
+            raise ValueError
+        return number
+    if name in ("batch_size", "max_queue", "max_tokens_limit", "max_messages", "max_prompt_chars"):
+        number = int(value)
+        if number < 1:
             raise ValueError
         return number
     if name in ("load_timeout", "idle_ttl"):
@@ -153,14 +176,16 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name == "warm_spare":
+    if name in ("warm_spare", "insecure_no_auth"):
         if isinstance(value, bool):
             return value
         flag = str(value).strip().lower()
         if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ValueError
         return flag in ("1", "true", "yes", "on")
-    if name == "memory_budget":
+    if name in ("memory_budget", "max_body_bytes"):
+        if name == "max_body_bytes" and str(value).strip().endswith("%"):
+            raise ValueError
         parse_size(str(value), 1)  # validate now: a typo should stop startup, not a request
         return str(value)
     return str(value)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,21 @@ def create_downloads(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def create_api_keys(db: sqlite_utils.Database) -> None:
+    db["api_keys"].create(
+        {
+            "name": str,
+            "hash": str,  # sha256 hex of the key; the key itself is never stored
+            "prefix": str,  # the key's first characters, to tell keys apart in listings
+            "created": str,
+            "last_used": str,
+        },
+        pk="name",
+    )
+    db["api_keys"].create_index(["hash"], unique=True)
+
+
 class Store:
     """Typed access to the database. Safe to share across threads: each thread gets its own
     connection (sqlite connections must not cross threads)."""
@@ -79,6 +96,28 @@ class Store:
             self._local.db = db
         return db
 
+    @contextmanager
+    def write(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so what a
+        writer checks inside (a unique alias, an existing key name) stays true until it commits;
+        a deferred transaction would instead fail when it upgraded to write. Nested calls join
+        the outer transaction (sqlite-utils' own writes become savepoints inside it)."""
+        db = self.db
+        if db.conn.in_transaction:
+            yield db
+            return
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.conn.rollback()
+            raise
+        db.conn.commit()
+
+    def data_version(self) -> int:
+        """Changes when another connection commits: a cheap 'has anything changed?'."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
     # Profiles -------------------------------------------------------------------------------
 
     def profiles(self) -> list[dict[str, Any]]:
@@ -95,8 +134,11 @@ class Store:
         row["pinned"] = int(bool(row.get("pinned")))
         row.setdefault("created", now)
         row["updated"] = now
-        with self.db.conn:
-            self.db["profiles"].upsert(row, pk="name")
+        with self.write() as db:
+            existing = self.profile(row["name"])
+            if existing is not None:
+                row["created"] = existing["created"]
+            db["profiles"].upsert(row, pk="name")
 
     # Downloads ------------------------------------------------------------------------------
 
@@ -118,7 +160,7 @@ class Store:
             "bytes_total": bytes_total,
             "updated": _now(),
         }
-        with self.db.conn:
+        with self.write():
             if self.db["downloads"].count_where("id = ?", [job_id]):
                 self.db["downloads"].update(job_id, row)
             else:
@@ -130,9 +172,29 @@ class Store:
         )
 
     def delete_profile(self, name: str) -> bool:
-        with self.db.conn:
-            cur = self.db.execute("DELETE FROM profiles WHERE name = ?", [name])
+        with self.write() as db:
+            cur = db.execute("DELETE FROM profiles WHERE name = ?", [name])
         return cur.rowcount > 0
+
+    # API keys -------------------------------------------------------------------------------
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        return list(self.db["api_keys"].rows_where(order_by="created"))
+
+    def add_api_key(self, name: str, digest: str, prefix: str) -> dict[str, Any]:
+        row = {"name": name, "hash": digest, "prefix": prefix, "created": _now()}
+        with self.write() as db:
+            db["api_keys"].insert({**row, "last_used": None})
+        return {**row, "last_used": None}
+
+    def delete_api_key(self, name: str) -> bool:
+        with self.write() as db:
+            cur = db.execute("DELETE FROM api_keys WHERE name = ?", [name])
+        return cur.rowcount > 0
+
+    def touch_api_key(self, name: str) -> None:
+        with self.write() as db:
+            db.execute("UPDATE api_keys SET last_used = ? WHERE name = ?", [_now(), name])
 
 
 def _profile_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import psutil
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -18,8 +19,11 @@ from starlette.routing import Route
 from config.settings import Settings, load_settings
 from gateway import openai_api
 from gateway.errors import ServiceError
+from gateway.keys import write_token_file
 from gateway.manager import Manager
-from gateway.openai_api import parse_body
+from gateway.middleware import AuthMiddleware, BodyLimitMiddleware
+from gateway.openai_api import json_object, parse_body
+from gateway.openapi import openapi_document
 from gateway.schemas import LoadBody, UnloadBody
 from mcp_tools.server import build_mcp
 
@@ -72,6 +76,29 @@ async def download(request: Request) -> Response:
     if request.method == "DELETE":
         return JSONResponse(await manager.cancel_download(request.path_params["id"]))
     return JSONResponse(manager.download_status(request.path_params["id"]))
+
+
+async def profiles(request: Request) -> Response:
+    manager: Manager = request.app.state.manager
+    if request.method == "POST":
+        return JSONResponse(await manager.create_profile(await json_object(request)), 201)
+    return JSONResponse({"data": manager.list_profiles()})
+
+
+async def profile(request: Request) -> Response:
+    manager: Manager = request.app.state.manager
+    name = request.path_params["name"]
+    if request.method == "PATCH":
+        changes = await json_object(request)
+        clear = changes.pop("clear", None) or []
+        return JSONResponse(await manager.update_profile(name, changes, clear))
+    if request.method == "DELETE":
+        return JSONResponse(manager.delete_profile(name))
+    return JSONResponse(manager.get_profile(name))
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
@@ -135,6 +162,7 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings, app.state.manager, app.state.pool = settings, manager, manager.pool
+        manager.keys.add_local_token(write_token_file(settings))
         await manager.start()
         try:
             # Starlette does not run a mounted app's lifespan: MCP's session manager runs here.
@@ -142,9 +170,11 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
                 yield
         finally:
             await manager.close()
+            settings.token_file().unlink(missing_ok=True)
 
     routes = [
         Route("/health", health),
+        Route("/openapi.json", openapi),
         Route("/v1/models", openai_api.list_models),
         Route("/v1/models/{model_id:path}", openai_api.get_model),
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
@@ -155,12 +185,20 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
         Route("/admin/downloads", downloads),
         Route("/admin/downloads", start_download, methods=["POST"]),
         Route("/admin/downloads/{id}", download, methods=["GET", "DELETE"]),
+        Route("/admin/profiles", profiles, methods=["GET", "POST"]),
+        Route("/admin/profiles/{name:path}", profile, methods=["GET", "PATCH", "DELETE"]),
         # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
         # still gets this app's own OpenAI-shaped 404.
         *mcp_app.routes,
     ]
+    middleware = [
+        # Outermost first: a request without a valid key learns nothing else.
+        Middleware(AuthMiddleware, keys=manager.keys, limit=settings.max_concurrent_per_key),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
+    ]
     return Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,

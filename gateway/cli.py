@@ -14,6 +14,7 @@ from typing import Any
 from config.settings import Settings, SettingsError, load_settings
 from gateway.errors import ServiceError
 from gateway.hub import scan_local_models
+from gateway.keys import check_bind
 from gateway.manager import Manager, RemoteManager, running_server
 
 DEMO_MODEL = "demo-random"
@@ -61,14 +62,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "home": args.home,
             "model_dirs": args.model_dir or None,
+            "insecure_no_auth": args.insecure_no_auth or None,
         }
     )
+    manager = Manager(settings)
+    try:
+        check_bind(settings, manager.keys)
+    except ServiceError as e:
+        print(f"mlx-manager: {e.message}", file=sys.stderr)
+        return 2
     setup_logging(settings)
     if not args.no_demo:
         ensure_demo_model(settings)
-    print(f"mlx-manager serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    auth = "API key required" if manager.keys.required() else "no API key required"
+    print(
+        f"mlx-manager serving on http://{settings.host}:{settings.port}/v1 ({auth})",
+        file=sys.stderr,
+    )
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, manager),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -271,6 +283,35 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return _run(args, lambda m: _async(m.delete_profile(args.name)))
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys live in the local database: managed here, never over the network."""
+    manager = Manager(_settings(args))
+    name = args.name or args.positional_name
+    try:
+        if args.action == "list":
+            result: Any = manager.list_keys()
+        elif not name:
+            print(f"mlx-manager: keys {args.action} needs --name NAME", file=sys.stderr)
+            return 2
+        elif args.action == "create":
+            result = manager.create_key(name)
+            if not args.json:
+                print(
+                    f"Created API key '{name}'. Copy it now: it is not shown again.\n\n"
+                    f"  {result['key']}\n\n"
+                    "Clients send it as 'Authorization: Bearer KEY' (the OpenAI SDK's api_key). "
+                    "Every request now needs a key.",
+                )
+                return 0
+        else:
+            result = manager.revoke_key(name)
+    except ServiceError as e:
+        print(f"mlx-manager: {e.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else _table(result))
+    return 0
+
+
 async def _async(value: Any) -> Any:
     return value
 
@@ -291,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-demo",
         action="store_true",
         help="do not build the offline demo model when no model is found",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="allow binding beyond loopback with no API key (anyone who can reach it can use it)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -335,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     profiles.add_argument("--alias", action="append", help="an alias (repeatable)")
     profiles.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None)
     profiles.set_defaults(func=cmd_profiles)
+    keys = client("keys", "create, list or revoke API keys")
+    keys.add_argument("action", choices=["create", "list", "revoke"], nargs="?", default="list")
+    keys.add_argument("positional_name", nargs="?", metavar="NAME")
+    keys.add_argument("--name", help="the key's name (for create and revoke)")
+    keys.set_defaults(func=cmd_keys)
 
     args = parser.parse_args(argv)
     try:

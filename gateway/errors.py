@@ -93,3 +93,25 @@ class InsufficientMemory(ServiceError):
     status = 507
     type = "server_error"
     code = "insufficient_memory"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ConcurrencyLimit(TooManyRequests):
+    """This API key has as many requests in flight as it may."""
+
+    code = "concurrency_limit"

@@ -26,6 +26,7 @@ from gateway.catalog import Catalog
 from gateway.downloads import DownloadProgress, Downloads, delete_from_cache, search
 from gateway.generation import GenerationRequest
 from gateway.hub import inspect_model
+from gateway.keys import ApiKeys, client_key
 from gateway.pool import ModelPool
 from gateway.profiles import Profiles
 
@@ -43,6 +44,7 @@ class Manager:
         self.profiles = Profiles(self.catalog)
         self.pool = ModelPool(settings, self.catalog)
         self.downloads = Downloads(settings, self.store)
+        self.keys = ApiKeys(self.store, settings)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -184,6 +186,17 @@ class Manager:
         except errors.ServiceError:
             pass
 
+    # API keys (local only: whoever can write the database can manage keys) -----------------
+
+    def create_key(self, name: str) -> dict[str, Any]:
+        return self.keys.create(name)
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return self.keys.list()
+
+    def revoke_key(self, name: str) -> dict[str, Any]:
+        return self.keys.revoke(name)
+
     # Workers --------------------------------------------------------------------------------
 
     async def list_loaded(self) -> list[dict[str, Any]]:
@@ -248,7 +261,9 @@ class RemoteManager(Manager):
 
     def __init__(self, settings: Settings, base_url: str) -> None:
         super().__init__(settings)
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=None)
+        key = client_key(settings)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=None, headers=headers)
 
     async def start(self) -> None:
         pass  # the server owns the workers

@@ -30,14 +30,18 @@ def _pool(request: Request) -> ModelPool:
     return request.app.state.pool
 
 
-async def parse_body(request: Request, schema: type[B]) -> B:
-    raw = await request.body()
+async def json_object(request: Request) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
+        data = json.loads(await request.body())
     except ValueError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return data
+
+
+async def parse_body(request: Request, schema: type[B]) -> B:
+    data = await json_object(request)
     try:
         return schema.model_validate(data)
     except ValidationError as e:

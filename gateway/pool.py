@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from config.settings import Settings
-from gateway import errors
+from gateway import errors, limits
 from gateway.catalog import Catalog, Resolved
 from gateway.generation import Choice, GenerationRequest
 from gateway.handle import WorkerHandle, WorkerProcess
@@ -299,9 +299,14 @@ class ModelPool:
     async def generate(
         self, name: str, requests: list[GenerationRequest], keep_alive: float | None = None
     ) -> Generation:
+        for r in requests:
+            limits.check(r, self.settings)
         resolved = self.resolve(name)
         default_max = self.settings.default_max_tokens
-        reqs = [r.with_defaults(resolved.profile, default_max) for r in requests]
+        reqs = [
+            limits.capped(r.with_defaults(resolved.profile, default_max), self.settings)
+            for r in requests
+        ]
         lease = await self.acquire(resolved, keep_alive)
         generation = Generation(lease, resolved, reqs)
         await generation.start()

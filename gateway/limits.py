@@ -1,0 +1,45 @@
+"""Request limits a server owner sets (MLX_MANAGER_MAX_*): checked once, in the pool, for
+every way in (/v1, MCP `chat`), before a request takes a place in a model's queue."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from config.settings import Settings
+from gateway.errors import InvalidRequest
+from gateway.generation import GenerationRequest
+
+
+def check(request: GenerationRequest, settings: Settings) -> None:
+    """Refuse what the client asked beyond the limits, naming the limit and its setting."""
+    if request.max_tokens is not None and request.max_tokens > settings.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens is {request.max_tokens}; this server allows at most "
+            f"{settings.max_tokens_limit} (MLX_MANAGER_MAX_TOKENS_LIMIT).",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
+    messages = request.messages or []
+    if len(messages) > settings.max_messages:
+        raise InvalidRequest(
+            f"The request has {len(messages)} messages; this server accepts at most "
+            f"{settings.max_messages} (MLX_MANAGER_MAX_MESSAGES).",
+            param="messages",
+            code="too_many_messages",
+        )
+    chars = len(request.prompt or "") + sum(len(str(m.get("content") or "")) for m in messages)
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"The prompt is {chars:,} characters; this server accepts at most "
+            f"{settings.max_prompt_chars:,} (MLX_MANAGER_MAX_PROMPT_CHARS).",
+            param="messages" if request.messages is not None else "prompt",
+            code="prompt_too_long",
+        )
+
+
+def capped(request: GenerationRequest, settings: Settings) -> GenerationRequest:
+    """With no max_tokens from the request or its profile, generation stops at the limit
+    (or the end of the context, whichever comes first), not only at the end of the context."""
+    if request.max_tokens is None or request.max_tokens > settings.max_tokens_limit:
+        return replace(request, max_tokens=settings.max_tokens_limit)
+    return request

@@ -1,0 +1,125 @@
+"""ASGI middleware: API-key authentication with a per-key concurrency limit, and the request
+body size cap. Plain ASGI rather than BaseHTTPMiddleware, which would buffer and slow streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import ConcurrencyLimit, PayloadTooLarge, ServiceError, Unauthorized
+from gateway.keys import ApiKeys
+
+log = logging.getLogger("mlx_manager")
+
+OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+# Requests that occupy a model; the per-key concurrency limit counts these.
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    await response(scope, receive, send)
+
+
+def presented_key(headers: Headers) -> str | None:
+    """`Authorization: Bearer KEY` (OpenAI's way) or `x-api-key: KEY` (Anthropic's)."""
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return headers.get("x-api-key") or None
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, limit: int) -> None:
+        self.app = app
+        self.keys = keys
+        self.limit = limit  # requests in flight per key (MLX_MANAGER_MAX_CONCURRENT_PER_KEY)
+        self.in_flight: Counter[str] = Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or not self.keys.required():
+            await self.app(scope, receive, send)
+            return
+        key = presented_key(Headers(scope=scope))
+        if key is None:
+            exc = Unauthorized(
+                "Missing API key: send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY'). "
+                "Keys are made with `mlx-manager keys create --name NAME`."
+            )
+            await _reject(exc, scope, receive, send)
+            return
+        name = self.keys.check(key)
+        if name is None:
+            await _reject(Unauthorized("Invalid API key."), scope, receive, send)
+            return
+        scope.setdefault("state", {})["api_key"] = name
+        if self.keys.touch(name):
+            asyncio.get_running_loop().run_in_executor(None, self._touch, name)
+        if scope["path"] not in GENERATION_PATHS or not self.limit:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight[name] >= self.limit:
+            exc = ConcurrencyLimit(
+                f"API key '{name}' already has {self.in_flight[name]} requests in flight, the "
+                f"most this server allows per key (MLX_MANAGER_MAX_CONCURRENT_PER_KEY)."
+            )
+            await _reject(exc, scope, receive, send)
+            return
+        self.in_flight[name] += 1
+        try:
+            await self.app(scope, receive, send)  # returns when the response (stream) ends
+        finally:
+            self.in_flight[name] -= 1
+
+    def _touch(self, name: str) -> None:
+        try:
+            self.keys.store.touch_api_key(name)
+        except Exception:  # a busy database must not fail the request that used the key
+            log.warning("could not record the use of key %r", name, exc_info=True)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies above the limit: at once when Content-Length says so, otherwise
+    as soon as the bytes received pass it (chunked uploads, a lying header)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _reject(self._error(int(length)), scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error(received, more=True)
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _error(self, size: int, more: bool = False) -> PayloadTooLarge:
+        over = "more than " if more else ""
+        return PayloadTooLarge(
+            f"The request body is {over}{_mib(size)}; this server accepts at most "
+            f"{_mib(self.max_bytes)} (MLX_MANAGER_MAX_BODY_BYTES)."
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.1f} MiB" if n >= 1024**2 else f"{n} bytes"

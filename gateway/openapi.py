@@ -1,0 +1,106 @@
+"""The OpenAPI description of the /v1 API, served at /openapi.json. Request bodies come from
+the pydantic schemas that validate them, so the description cannot drift from the code."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _responses(ok: str, errors: tuple[int, ...]) -> dict[str, Any]:
+    error = {"$ref": "#/components/schemas/Error"}
+    out: dict[str, Any] = {"200": {"description": ok, "content": _json({"type": "object"})}}
+    for status in (*errors, 401):
+        out[str(status)] = {"description": "An error, in OpenAI's shape", "content": _json(error)}
+    return out
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _generation(summary: str, schema: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": _json({"$ref": f"#/components/schemas/{schema}"}),
+            },
+            "responses": _responses(
+                "The completion (JSON), or a stream of SSE chunks",
+                (400, 403, 404, 413, 429, 503, 507),
+            ),
+        }
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    try:
+        app_version = version("mlx-manager")
+    except PackageNotFoundError:
+        app_version = "0"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mlx-manager",
+            "version": app_version,
+            "description": "OpenAI-compatible API for local MLX models.",
+        },
+        "paths": {
+            "/health": {"get": {"summary": "Liveness", "security": [], "responses": _ok()}},
+            "/v1/models": {"get": {"summary": "Models and profiles", "responses": _ok()}},
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One model or profile",
+                    "parameters": [
+                        {
+                            "name": "model_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": _responses("The model", (403, 404)),
+                }
+            },
+            "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest"),
+            "/v1/completions": _generation("Text completion", "CompletionRequest"),
+        },
+        "components": {
+            "schemas": {**defs["$defs"], "Error": ERROR},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _ok() -> dict[str, Any]:
+    return _responses("OK", ())
