@@ -3,6 +3,7 @@ environment variables, then command-line flags (each layer overrides the one bef
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -133,13 +134,15 @@ def parse_duration(value: float | int | str | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, int | float):
-        return float(value)
-    text = value.strip().lower()
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    for suffix in ("ms", "s", "m", "h"):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * scale[suffix]
-    return float(text)
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        suffix = next((s for s in scale if text.endswith(s)), "")
+        seconds = float(text[: len(text) - len(suffix)]) * scale.get(suffix, 1)
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a finite duration: {value!r}")
+    return seconds
 
 
 def _coerce(name: str, value: Any) -> Any:

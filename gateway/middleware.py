@@ -116,10 +116,13 @@ class BodyLimitMiddleware:
     def _error(self, size: int, more: bool = False) -> PayloadTooLarge:
         over = "more than " if more else ""
         return PayloadTooLarge(
-            f"The request body is {over}{_mib(size)}; this server accepts at most "
-            f"{_mib(self.max_bytes)} (MLX_MANAGER_MAX_BODY_BYTES)."
+            f"The request body is {over}{_size(size)}; this server accepts at most "
+            f"{_size(self.max_bytes)} (MLX_MANAGER_MAX_BODY_BYTES)."
         )
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1024**2:.1f} MiB" if n >= 1024**2 else f"{n} bytes"
+def _size(n: int) -> str:
+    for unit, scale in (("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

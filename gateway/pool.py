@@ -38,6 +38,9 @@ from gateway.hub import LocalModel
 
 log = logging.getLogger("mlx_manager.pool")
 
+# Idle TTLs beyond a year mean "keep it loaded": event-loop timers cannot hold any float.
+FOREVER = 365 * 86400.0
+
 
 class MemoryEstimate:
     """Memory a model needs before its worker has reported a real figure: its weights times a
@@ -536,7 +539,7 @@ class ModelPool:
     def _schedule_ttl(self, slot: Slot) -> None:
         self._cancel_ttl(slot)
         ttl = self._ttl(slot)
-        if ttl is not None:
+        if ttl is not None and ttl < FOREVER:
             loop = asyncio.get_running_loop()
             slot.ttl_timer = loop.call_later(ttl, self._expire, slot)
 

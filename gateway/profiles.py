@@ -6,6 +6,7 @@ aliases are refused, and a profile must name a model that exists locally.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -84,20 +85,29 @@ class Profiles:
             raise NotFound(f"Profile '{name}' does not exist.{known}", param="name")
         return _public(row)
 
+    # Each write checks and saves in one transaction: two writers cannot both take a name.
+
     def create(self, data: dict[str, Any]) -> dict[str, Any]:
         profile = validate(data)
-        if self.store.profile(profile.name) is not None:
-            raise Conflict(
-                f"A profile named '{profile.name}' already exists; use "
-                "update_profile to change it.",
-                param="name",
-            )
-        self._check(profile)
-        self.store.save_profile(profile.model_dump())
-        return self.get(profile.name)
+        with self.store.write():
+            if self.store.profile(profile.name) is not None:
+                raise Conflict(
+                    f"A profile named '{profile.name}' already exists; use "
+                    "update_profile to change it.",
+                    param="name",
+                )
+            self._check(profile)
+            self.store.save_profile(profile.model_dump())
+            return self.get(profile.name)
 
-    def update(self, name: str, changes: dict[str, Any], clear: list[str] = ()) -> dict[str, Any]:
+    def update(
+        self, name: str, changes: dict[str, Any], clear: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """Change the fields in `changes`; reset those in `clear` to their defaults."""
+        with self.store.write():
+            return self._update(name, changes, clear)
+
+    def _update(self, name: str, changes: dict[str, Any], clear: Sequence[str]) -> dict[str, Any]:
         current = self.get(name)
         for field in clear:
             if field not in FIELDS or field == "model":
@@ -121,9 +131,10 @@ class Profiles:
         return self.get(name)
 
     def delete(self, name: str) -> dict[str, Any]:
-        profile = self.get(name)
-        self.store.delete_profile(name)
-        return profile
+        with self.store.write():
+            profile = self.get(name)
+            self.store.delete_profile(name)
+            return profile
 
     def _check(self, profile: Profile) -> None:
         """Names and aliases are unique across profiles; the model exists locally."""

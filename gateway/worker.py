@@ -97,13 +97,17 @@ class Engine:
         room = limit - len(prompt)
         max_tokens = min(req.get("max_tokens") or room, room)
         stops = [s for s in req.get("stop") or [] if s]
-        (uid,) = self.gen.insert(
-            [prompt],
-            max_tokens=[max_tokens],
-            samplers=[self._sampler(req)],
-            logits_processors=[self._processors(req)],
-            stop_sequences=[self.eos],
-        )
+        try:
+            (uid,) = self.gen.insert(
+                [prompt],
+                max_tokens=[max_tokens],
+                samplers=[self._sampler(req)],
+                logits_processors=[self._processors(req)],
+                stop_sequences=[self.eos],
+            )
+        except Exception as e:  # one bad request must not take the model down for everyone
+            events.append(("e", rid, "InvalidRequest", f"Could not start generation: {e}"))
+            return
         self.seqs[uid] = _Sequence(
             rid,
             self.tokenizer.detokenizer,
@@ -141,7 +145,8 @@ class Engine:
             return self.samplers[(temp, top_p)]
         # A request with a seed owns a PRNG key so its output does not depend on what else is
         # in the batch (mx.random's global state is shared by every row).
-        key = [mx.random.key(int(seed))] if seed is not None else None
+        # PRNG keys are uint64: a negative or n>1-shifted seed wraps instead of failing.
+        key = [mx.random.key(int(seed) % 2**64)] if seed is not None else None
 
         def sample(logprobs: Any) -> Any:
             if temp == 0:

@@ -41,8 +41,18 @@ class Server:
     def v1(self) -> str:
         return self.url + "/v1"
 
+    @property
+    def token(self) -> str:
+        """The key this server run leaves for local clients (accepted once keys are required)."""
+        return (self.home / f"server-{self.port}.token").read_text()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
     def workers(self) -> list[dict[str, Any]]:
-        return httpx.get(self.url + "/admin/workers", timeout=10).json()["data"]
+        r = httpx.get(self.url + "/admin/workers", headers=self.headers, timeout=10)
+        return r.json()["data"]
 
     def worker(self, model: str) -> dict[str, Any] | None:
         return next((w for w in self.workers() if w["model"] == model), None)
