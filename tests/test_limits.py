@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -92,9 +91,7 @@ def test_messages_and_prompt_length(limited: Server) -> None:
     err = refused(lambda: client.completions.create(model="tiny-a", prompt="y" * 2001), 400)
     assert err["param"] == "prompt" and err["code"] == "prompt_too_long"
     # Several prompts: each is checked.
-    err = refused(
-        lambda: client.completions.create(model="tiny-a", prompt=["ok", "z" * 2001]), 400
-    )
+    err = refused(lambda: client.completions.create(model="tiny-a", prompt=["ok", "z" * 2001]), 400)
     assert err["code"] == "prompt_too_long"
     # Right at the limits: served.
     five = client.chat.completions.create(model="tiny-a", messages=six[:5], max_tokens=2)
