@@ -85,6 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        # Longer than clients keep idle connections (httpx, and so the OpenAI SDK: 5 s), so
+        # the server never closes one just as a client reuses it (a spurious ReadError).
+        timeout_keep_alive=65,
     )
     return 0
 
