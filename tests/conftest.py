@@ -30,6 +30,18 @@ class Models:
     def path(self, name: str) -> Path:
         return self.folder / name
 
+    def env(self, home: Path, **settings: str) -> dict[str, str]:
+        """A server's environment serving these models from `home`, with MLX_MANAGER_* settings
+        given by name (max_queue="2"), and no warm spare unless asked (it costs CPU here)."""
+        return {
+            "MLX_MANAGER_MODEL_DIRS": str(self.folder),
+            "HF_HUB_CACHE": str(self.hf_cache),
+            "HF_HUB_OFFLINE": "1",
+            "MLX_MANAGER_HOME": str(home),
+            "MLX_MANAGER_WARM_SPARE": "0",
+            **{f"MLX_MANAGER_{k.upper()}": v for k, v in settings.items()},
+        }
+
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:

@@ -31,17 +31,6 @@ from tests.test_cli import as_json, cli
 HELLO = [{"role": "user", "content": "hello world"}]
 
 
-def _env(models: Models, home: Path, **extra: str) -> dict[str, str]:
-    return {
-        "MLX_MANAGER_MODEL_DIRS": str(models.folder),
-        "HF_HUB_CACHE": str(models.hf_cache),
-        "HF_HUB_OFFLINE": "1",
-        "MLX_MANAGER_HOME": str(home),
-        "MLX_MANAGER_WARM_SPARE": "0",
-        **extra,
-    }
-
-
 def _status(server: Server, path: str, **headers: str) -> int:
     return httpx.get(server.url + path, headers=headers, timeout=30).status_code
 
@@ -61,7 +50,7 @@ def test_keys_made_while_the_server_runs_are_required_then_revoked(
     models: Models, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    env = _env(models, home)
+    env = models.env(home)
     server = start_server(home, env)
     env["MLX_MANAGER_PORT"] = str(server.port)
     try:
@@ -132,13 +121,13 @@ def test_keys_made_while_the_server_runs_are_required_then_revoked(
 def test_key_from_the_environment(models: Models, tmp_path: Path) -> None:
     home = tmp_path / "home"
     key = "a-long-shared-secret-for-a-simple-setup"
-    server = start_server(home, _env(models, home, MLX_MANAGER_API_KEY=key))
+    server = start_server(home, models.env(home, api_key=key))
     try:
         assert _status(server, "/v1/models") == 401
         assert _status(server, "/v1/models", Authorization=f"Bearer {key}") == 200
         assert _status(server, "/v1/models", Authorization=f"Bearer {key}x") == 401
         # The CLI, given the same environment, sends it.
-        env = _env(models, home, MLX_MANAGER_API_KEY=key, MLX_MANAGER_PORT=str(server.port))
+        env = models.env(home, api_key=key, port=str(server.port))
         assert cli(env, "ps").returncode == 0
     finally:
         server.stop()
@@ -191,7 +180,7 @@ def _serve(home: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]
 
 def test_binding_beyond_loopback_needs_a_key(models: Models, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = _env(models, home)
+    env = models.env(home)
     port = str(free_port())
     refused = _serve(home, env, "--host", "0.0.0.0", "--port", port)
     out, _ = refused.communicate(timeout=60)

@@ -36,13 +36,8 @@ EXAMPLES = int(os.environ.get("MLX_MANAGER_FUZZ_EXAMPLES", "0"))
 @pytest.fixture(scope="module")
 def fuzzed(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("fuzz") / "home"
-    env = {
-        "MLX_MANAGER_MODEL_DIRS": str(models.folder),
-        "HF_HUB_CACHE": str(models.hf_cache),
-        "MLX_MANAGER_WARM_SPARE": "0",
-        # Valid requests may ask for n=16 choices of the whole context: keep each one short.
-        "MLX_MANAGER_MAX_TOKENS_LIMIT": "24",
-    }
+    # Valid requests may ask for n=16 choices of the whole context: keep each one short.
+    env = models.env(home, max_tokens_limit="24")
     server = start_server(home, env)
     yield server
     server.stop()

@@ -26,18 +26,14 @@ TOKENS_LIMIT = 1500
 @pytest.fixture(scope="module")
 def limited(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("limits") / "home"
-    env = {
-        "MLX_MANAGER_MODEL_DIRS": str(models.folder),
-        "HF_HUB_CACHE": str(models.hf_cache),
-        "HF_HUB_OFFLINE": "1",
-        "MLX_MANAGER_HOME": str(home),
-        "MLX_MANAGER_WARM_SPARE": "0",
-        "MLX_MANAGER_MAX_BODY_BYTES": "64KiB",
-        "MLX_MANAGER_MAX_TOKENS_LIMIT": str(TOKENS_LIMIT),
-        "MLX_MANAGER_MAX_MESSAGES": "5",
-        "MLX_MANAGER_MAX_PROMPT_CHARS": "2000",
-        "MLX_MANAGER_MAX_CONCURRENT_PER_KEY": "2",
-    }
+    env = models.env(
+        home,
+        max_body_bytes="64KiB",
+        max_tokens_limit=str(TOKENS_LIMIT),
+        max_messages="5",
+        max_prompt_chars="2000",
+        max_concurrent_per_key="2",
+    )
     keys = {name: as_json(env, "keys", "create", "--name", name)["key"] for name in ("k1", "k2")}
     server = start_server(home, env)
     server.keys = keys  # type: ignore[attr-defined]
