@@ -75,6 +75,12 @@ def create_api_keys(db: sqlite_utils.Database) -> None:
     db["api_keys"].create_index(["hash"], unique=True)
 
 
+@migrations()
+def add_profile_output_fields(db: sqlite_utils.Database) -> None:
+    db["profiles"].add_column("reasoning_format", str)  # separate | inline
+    db["profiles"].add_column("tool_parser", str)  # an mlx-lm tool parser module
+
+
 class Store:
     """Typed access to the database. Safe to share across threads: each thread gets its own
     connection (sqlite connections must not cross threads)."""

@@ -262,6 +262,8 @@ PROFILE_FIELDS = {
     "system_prompt": str,
     "ttl": float,
     "description": str,
+    "reasoning_format": str,
+    "tool_parser": str,
 }
 
 

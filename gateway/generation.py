@@ -6,6 +6,8 @@ back as small tuples, all events of one decode step in one pipe message:
     ("s", rid, prompt_tokens)                         started (prompt accepted)
     ("d", rid, text, logprob)                         one token; logprob is None unless asked:
                                                       (token, logprob, [(token, logprob), ...])
+    ("r", rid, text)                                  reasoning text (inside think markers)
+    ("t", rid, call_id, name, arguments_json)         a whole, parsed tool call
     ("f", rid, finish_reason, completion_tokens)      finished ("stop" or "length")
     ("e", rid, kind, message)                         failed; kind names a gateway.errors class
 """
@@ -35,6 +37,11 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     context_length: int | None = None  # a profile may cap the model's own
+    tools: list[dict[str, Any]] | None = None  # passed to the chat template
+    tool_choice: str | None = None  # "auto" or "required" (with tools)
+    parallel_tool_calls: bool = True
+    reasoning: str | None = None  # "separate" | "inline"; None: the profile's, else separate
+    tool_parser: str | None = None  # an mlx-lm tool parser module; None: the tokenizer's
 
     def with_defaults(
         self, profile: dict[str, Any] | None, default_max_tokens: int | None
@@ -58,6 +65,8 @@ class GenerationRequest:
             top_p=pick(self.top_p, "top_p", OPENAI_DEFAULT_TOP_P),
             max_tokens=pick(self.max_tokens, "max_tokens", default_max_tokens),
             context_length=pick(self.context_length, "context_length", None),
+            reasoning=pick(self.reasoning, "reasoning_format", "separate"),
+            tool_parser=pick(self.tool_parser, "tool_parser", None),
         )
 
     def payload(self) -> dict[str, Any]:
@@ -73,3 +82,5 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: list[tuple[str, float, list[tuple[str, float]]]] = field(default_factory=list)
+    reasoning: str = ""
+    tool_calls: list[tuple[str, str, str]] = field(default_factory=list)  # id, name, arguments

@@ -63,8 +63,16 @@ def _corpus(seed: int, lines: int = 2000) -> list[str]:
     ]
 
 
-def build_tokenizer(path: Path, vocab_size: int, seed: int = 0) -> None:
-    """Train a byte-level BPE tokenizer and save it with a chat template."""
+def build_tokenizer(
+    path: Path,
+    vocab_size: int,
+    seed: int = 0,
+    special_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+    texts: tuple[str, ...] = (),
+) -> None:
+    """Train a byte-level BPE tokenizer and save it with a chat template. `texts` join the
+    training corpus (often, so that they become few tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,27 +81,35 @@ def build_tokenizer(path: Path, vocab_size: int, seed: int = 0) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=["<unk>", "<s>", "</s>", *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) + list(texts) * 50, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(str(path))
 
 
-def build_model(path: str | Path, spec: ModelSpec = ModelSpec()) -> Path:
-    """Write a llama model with random weights and a trained tokenizer to `path`."""
+def build_model(
+    path: str | Path,
+    spec: ModelSpec = ModelSpec(),
+    special_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+    texts: tuple[str, ...] = (),
+) -> Path:
+    """Write a llama model with random weights and a trained tokenizer to `path` (extra
+    special tokens such as `<think>`, the chat template and extra corpus are the
+    tokenizer's)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(path, spec.vocab_size, spec.seed)
+    build_tokenizer(path, spec.vocab_size, spec.seed, special_tokens, chat_template, texts)
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],

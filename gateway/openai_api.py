@@ -199,9 +199,22 @@ class _Endpoint:
 
     def choice(self, c: Choice, body: Any) -> dict[str, Any]:
         if self.chat:
+            message: dict[str, Any] = {
+                "role": "assistant",
+                # With tool calls and nothing else to say, content is null, as OpenAI sends it.
+                "content": c.text if c.text or not c.tool_calls else None,
+                "refusal": None,
+            }
+            if c.reasoning:
+                message["reasoning_content"] = c.reasoning
+            if c.tool_calls:
+                message["tool_calls"] = [
+                    {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                    for i, n, a in c.tool_calls
+                ]
             return {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": message,
                 "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
                 "finish_reason": c.finish_reason,
             }
@@ -217,6 +230,12 @@ class _Endpoint:
         if self.chat:
 
             def chat(ev: tuple[Any, ...]) -> str:
+                if ev[0] == "r":
+                    return (
+                        f'{{"index": {ev[1]}, "delta": '
+                        f'{{"reasoning_content": {json.dumps(ev[2])}}}, '
+                        '"logprobs": null, "finish_reason": null}'
+                    )
                 if ev[0] == "f":
                     return (
                         f'{{"index": {ev[1]}, "delta": {{}}, "logprobs": null, '
@@ -247,6 +266,35 @@ class _Endpoint:
             )
 
         return completion
+
+    @staticmethod
+    def tool_call_chunks(ev: tuple[Any, ...], position: int) -> list[str]:
+        """A tool call as OpenAI streams one: its id and name first, then its arguments; each
+        call of a choice has its own `index`."""
+        _, choice, call_id, name, arguments = ev
+        head = {"index": position, "id": call_id, "type": "function"}
+        return [
+            json.dumps(
+                {
+                    "index": choice,
+                    "delta": {
+                        "tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]
+                    },
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ),
+            json.dumps(
+                {
+                    "index": choice,
+                    "delta": {
+                        "tool_calls": [{"index": position, "function": {"arguments": arguments}}]
+                    },
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ),
+        ]
 
     def first_chunks(self, n: int) -> list[str]:
         """Chat streams open each choice with the assistant role."""
@@ -287,7 +335,13 @@ class _Endpoint:
         try:
             for first in self.first_chunks(len(gen.requests)):
                 yield pre + first + post
+            calls = [0] * len(gen.requests)  # tool calls so far, per choice
             async for ev in gen:
+                if ev[0] == "t":
+                    for chunk in self.tool_call_chunks(ev, calls[ev[1]]):
+                        yield pre + chunk + post
+                    calls[ev[1]] += 1
+                    continue
                 if ev[0] == "f":
                     tokens += ev[3]
                 yield pre + render(ev) + post

@@ -128,8 +128,8 @@ class Lease:
 class Generation:
     """The choices of one API request, streaming from one worker.
 
-    Iterating yields ("d", index, text, logprob) and ("f", index, finish_reason, tokens);
-    a worker failure mid-stream raises the matching ServiceError.
+    Iterating yields the worker's events (gateway/generation.py) with the choice's index in
+    place of the request id; a worker failure mid-stream raises the matching ServiceError.
     """
 
     def __init__(self, lease: Lease, resolved: Resolved, requests: list[GenerationRequest]):
@@ -202,7 +202,11 @@ class Generation:
                     parts[ev[1]].append(ev[2])
                     if ev[3] is not None:
                         c.logprobs.append(ev[3])
-                else:
+                elif ev[0] == "r":
+                    c.reasoning += ev[2]
+                elif ev[0] == "t":
+                    c.tool_calls.append(ev[2:5])
+                elif ev[0] == "f":
                     c.finish_reason, c.completion_tokens = ev[2], ev[3]
         finally:
             self.close()

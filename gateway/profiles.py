@@ -6,10 +6,12 @@ aliases are refused, and a profile must name a model that exists locally.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.catalog import Catalog
 from gateway.errors import Conflict, InvalidRequest, NotFound
@@ -27,6 +29,8 @@ FIELDS = (
     "ttl",
     "pinned",
     "description",
+    "reasoning_format",
+    "tool_parser",
 )
 
 
@@ -44,6 +48,25 @@ class Profile(BaseModel):
     ttl: Annotated[float, Field(ge=0)] | None = None  # idle seconds; 0 keeps it loaded
     pinned: bool = False
     description: str | None = None
+    reasoning_format: Literal["separate", "inline"] | None = None
+    tool_parser: str | None = None  # a module of mlx_lm.tool_parsers
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _known_parser(cls, v: str | None) -> str | None:
+        known = tool_parsers()
+        if v is not None and v not in known:
+            raise ValueError(f"unknown tool parser; mlx-lm has: {', '.join(known)}")
+        return v
+
+
+def tool_parsers() -> list[str]:
+    """mlx-lm's tool parser modules, listed without importing mlx-lm (which imports MLX)."""
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tool_parsers"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
 def validate(data: dict[str, Any]) -> Profile:

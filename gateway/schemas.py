@@ -3,9 +3,10 @@ OpenAI-compatible clients send extras; every accepted field either works or is r
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import parse_duration
 from gateway.generation import GenerationRequest
@@ -23,10 +24,34 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            parsed = json.loads(v or "{}")
+        except ValueError:
+            raise ValueError("must be a JSON object in a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object in a string")
+        return v
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, in a tool loop
+    tool_call_id: str | None = None  # which call a `tool` message answers
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
@@ -34,7 +59,49 @@ class Message(_Body):
             content = "".join(p.text for p in content)
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            # Templates (Hugging Face's convention) take arguments as a mapping, not JSON text.
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": json.loads(c.function.arguments or "{}"),
+                    },
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            message["name"] = self.name
+        return message
+
+
+class FunctionDef(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def as_template_tool(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class ToolChoiceFunction(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Body):
@@ -111,9 +178,43 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=256)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool = True
+    # Where a reasoning model's thinking goes: "separate" (message.reasoning_content) or
+    # "inline" (left in content, think tags and all). llama.cpp's names work too.
+    reasoning_format: Literal["separate", "inline", "none", "deepseek", "auto"] | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, ToolChoiceFunction):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names '{choice.function.name}', which is not among the "
+                    f"tools ({', '.join(names)})"
+                )
+        return self
+
+    def _tools(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The tools the template sees, and what the model must do with them."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return None, None
+        if isinstance(choice, ToolChoiceFunction):
+            named = [t for t in self.tools if t.function.name == choice.function.name]
+            return [t.as_template_tool() for t in named], "required"
+        return [t.as_template_tool() for t in self.tools], choice or "auto"
 
     def generation_requests(self) -> list[GenerationRequest]:
         messages = [m.as_template_message() for m in self.messages]
+        tools, tool_choice = self._tools()
+        reasoning = {"none": "inline", "deepseek": "separate", "auto": "separate"}.get(
+            self.reasoning_format or "", self.reasoning_format
+        )
         return [
             GenerationRequest(
                 kind="chat",
@@ -122,6 +223,10 @@ class ChatCompletionRequest(_Sampling):
                 seed=seed,
                 logprobs=self.logprobs,
                 top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=self.parallel_tool_calls,
+                reasoning=reasoning,
                 **self._common(),
             )
             for seed in self._seeds(self.n)

@@ -7,14 +7,17 @@ Protocol: see gateway/generation.py. Everything MLX happens on this process's ma
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from gateway.channels import ChannelSplitter, Markers
 from gateway.hub import context_length_of
 
 
@@ -28,6 +31,9 @@ class _Sequence:
     top_logprobs: int
     tokens: int = 0
     pending: str = ""  # decoded text held back because it may be the start of a stop string
+    channels: ChannelSplitter | None = None  # reasoning and tool calls, when the model has them
+    parallel_tool_calls: bool = True
+    tool_calls_sent: int = 0
 
 
 class Engine:
@@ -98,11 +104,15 @@ class Engine:
         max_tokens = min(req.get("max_tokens") or room, room)
         stops = [s for s in req.get("stop") or [] if s]
         try:
+            channels, forced = self._channels(req, prompt)
+            processors = self._processors(req)
+            if forced:
+                processors.append(self._force_prefix(forced))
             (uid,) = self.gen.insert(
                 [prompt],
                 max_tokens=[max_tokens],
                 samplers=[self._sampler(req)],
-                logits_processors=[self._processors(req)],
+                logits_processors=[processors],
                 stop_sequences=[self.eos],
             )
         except Exception as e:  # one bad request must not take the model down for everyone
@@ -115,14 +125,67 @@ class Engine:
             max((len(s) for s in stops), default=0),
             bool(req.get("logprobs")),
             int(req.get("top_logprobs") or 0),
+            channels=channels,
+            parallel_tool_calls=bool(req.get("parallel_tool_calls", True)),
         )
         self.uid_of[rid] = uid
         events.append(("s", rid, len(prompt)))
 
+    def _channels(
+        self, req: dict[str, Any], prompt: list[int]
+    ) -> tuple[ChannelSplitter | None, list[int]]:
+        """The splitter for this request's output (None: plain text), and the tokens the
+        output must start with (a tool call, when tool_choice requires one)."""
+        tok = self.tokenizer
+        if req["kind"] != "chat":
+            return None, []  # a raw completion is raw text
+        think = None
+        if tok.has_thinking and req.get("reasoning") != "inline":
+            think = (tok.think_start, tok.think_end)
+        tool, parse = None, None
+        if req.get("tools"):
+            name = req.get("tool_parser")
+            if name:  # a profile's choice over the tokenizer's own
+                module = importlib.import_module(f"mlx_lm.tool_parsers.{name}")
+                tool, parser = (
+                    (module.tool_call_start, module.tool_call_end),
+                    module.parse_tool_call,
+                )
+            elif tok.has_tool_calling:
+                tool, parser = (tok.tool_call_start, tok.tool_call_end), tok.tool_parser
+            if tool:
+                tools = req["tools"]
+                parse = lambda body: parser(body, tools)  # noqa: E731
+        if think is None and tool is None:
+            return None, []
+        # A template may open the think block itself (the prompt ends inside it).
+        tail = tok.decode(prompt[-16:]) if think else ""
+        inside = think is not None and tail.rfind(think[0]) > tail.rfind(think[1])
+        forced: list[int] = []
+        if tool and req.get("tool_choice") == "required":
+            forced = tok.encode(tool[0], add_special_tokens=False)
+        return ChannelSplitter(Markers(think, tool), parse, in_reasoning=inside), forced
+
+    def _force_prefix(self, forced: list[int]) -> Callable[..., Any]:
+        """A logits processor that makes the first generated tokens `forced`."""
+        mx = self.mx
+        step = [0]
+
+        def force(tokens: Any, logits: Any) -> Any:
+            i = step[0]
+            step[0] += 1
+            if i >= len(forced):
+                return logits
+            allowed = mx.arange(logits.shape[-1]) == forced[i]
+            return mx.where(allowed, logits, -float("inf"))
+
+        return force
+
     def _tokenize(self, req: dict[str, Any]) -> list[int]:
         tok = self.tokenizer
         if req["kind"] == "chat":
-            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True)
+            extra = {"tools": req["tools"]} if req.get("tools") else {}
+            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True, **extra)
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         else:
             ids = tok.encode(req.get("prompt") or "")
@@ -197,10 +260,16 @@ class Engine:
             text, hit_stop = self._hold_back(
                 seq, seq.detokenizer.last_segment, final=r.finish_reason is not None
             )
+            final = r.finish_reason is not None or hit_stop
             lp = self._logprob(seq, r) if seq.logprobs else None
-            if text or lp is not None:
-                events.append(("d", seq.rid, text, lp))
+            if seq.channels is None:
+                if text or lp is not None:
+                    events.append(("d", seq.rid, text, lp))
+            else:
+                self._split(seq, text, final, lp, events)
             reason = "stop" if hit_stop else r.finish_reason
+            if reason == "stop" and seq.channels is not None and seq.channels.tool_calls:
+                reason = "tool_calls"
             if reason is not None:
                 events.append(("f", seq.rid, reason, seq.tokens))
                 del self.seqs[r.uid]
@@ -209,6 +278,22 @@ class Engine:
                     done.append(r.uid)
         if done:
             self.gen.remove(done)
+
+    def _split(
+        self, seq: _Sequence, text: str, final: bool, lp: Any, events: list[tuple[Any, ...]]
+    ) -> None:
+        """Route text to content, reasoning or tool calls. A token's logprob goes with the
+        content it produced; text that went to reasoning or a tool call carries none."""
+        assert seq.channels is not None
+        for part in seq.channels.feed(text, final):
+            if part[0] == "content":
+                events.append(("d", seq.rid, part[1], lp))
+                lp = None
+            elif part[0] == "reasoning":
+                events.append(("r", seq.rid, part[1]))
+            elif seq.parallel_tool_calls or not seq.tool_calls_sent:
+                seq.tool_calls_sent += 1
+                events.append(("t", seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1], part[2]))
 
     def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached (never emitted)."""

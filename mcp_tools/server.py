@@ -159,6 +159,13 @@ def build_mcp(manager: Manager) -> MCPServer:
         ] = None,
         pinned: Annotated[bool, Field(description="Load now and at startup; never evict.")] = False,
         description: Annotated[str | None, Field(description="Free text.")] = None,
+        reasoning_format: Annotated[
+            str | None, Field(description="'separate' (reasoning_content) or 'inline'.")
+        ] = None,
+        tool_parser: Annotated[
+            str | None,
+            Field(description="mlx-lm tool parser ('json_tools', ...); default: inferred."),
+        ] = None,
     ) -> dict[str, Any]:
         """Create a profile: a name usable as `model` in /v1 requests, bound to a model and its
         defaults. Requests may still override each default."""
@@ -177,6 +184,8 @@ def build_mcp(manager: Manager) -> MCPServer:
         ttl: Annotated[float | None, Field(description="Idle seconds; 0: never.")] = None,
         pinned: Annotated[bool | None, Field(description="Pin or unpin.")] = None,
         description: Annotated[str | None, Field(description="Free text.")] = None,
+        reasoning_format: Annotated[str | None, Field(description="separate | inline")] = None,
+        tool_parser: Annotated[str | None, Field(description="mlx-lm tool parser.")] = None,
         clear: Annotated[
             list[str] | None, Field(description="Fields to reset to unset, e.g. ['temperature'].")
         ] = None,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.model_builder import EOS_TOKEN_ID, ModelSpec, build_model
+from tests.agent_model import build_agent_model
 from tests.server import Server, start_server
 
 __all__ = ["HF_MODEL", "NO_EOS", "Models", "Server", "start_server"]
@@ -52,6 +53,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         build_model(folder / name, ModelSpec(seed=seed))
     # About ten times the weights of the others, for memory-budget tests.
     build_model(folder / "tiny-big", ModelSpec(hidden_size=256, intermediate_size=512, seed=4))
+    # Overfit to answer with tool calls and think blocks (tests/agent_model.py).
+    build_agent_model(folder / "tiny-agent")
     # A folder that claims to be a model but has no weights: loading it must fail cleanly.
     (folder / "broken").mkdir()
     (folder / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))

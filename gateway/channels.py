@@ -1,0 +1,146 @@
+"""Split a model's output text into the channels an OpenAI client expects: the answer
+(`content`), thinking (`reasoning_content`) and tool calls.
+
+The markers come from the model's tokenizer (mlx-lm infers them from the vocabulary and chat
+template: `<think>`/`</think>`, `<tool_call>`/`</tool_call>`, ...), and a tool call's text is
+parsed by the matching mlx-lm tool parser. Text arrives in pieces, as generated; a piece that
+might be the start of a marker is held back until the next piece decides it. Pure Python (no
+MLX): the worker runs one splitter per sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# ("content", text) | ("reasoning", text) | ("tool", name, arguments_json)
+Part = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Markers:
+    think: tuple[str, str] | None = None  # start, end
+    tool: tuple[str, str] | None = None
+
+
+class ChannelSplitter:
+    def __init__(
+        self,
+        markers: Markers,
+        parse_tool: Callable[[str], Any] | None,
+        in_reasoning: bool = False,
+    ) -> None:
+        self.markers = markers
+        self.parse_tool = parse_tool
+        self.state = "reasoning" if in_reasoning and markers.think else "content"
+        self.buf = ""
+        self.tool_calls = 0
+
+    def feed(self, text: str, final: bool = False) -> list[Part]:
+        self.buf += text
+        parts: list[Part] = []
+        while True:
+            opening = self._opening()
+            closing = self._closing()
+            wanted = [m for m in (*opening, closing) if m]
+            hit = min(((self.buf.find(m), m) for m in wanted if m in self.buf), default=None)
+            if hit is None:
+                break
+            at, marker = hit
+            before, self.buf = self.buf[:at], self.buf[at + len(marker) :]
+            self._switch(marker, before, parts)
+        if final:
+            self._flush(parts)
+        else:
+            keep = _partial_tail(self.buf, [m for m in (*self._opening(), self._closing()) if m])
+            if self.state != "tool":  # a tool call is parsed whole: nothing leaves before its end
+                self._emit(self.state, self.buf[: len(self.buf) - keep], parts)
+                self.buf = self.buf[len(self.buf) - keep :]
+        return parts
+
+    def _opening(self) -> tuple[str, ...]:
+        if self.state != "content":
+            return ()
+        return tuple(m[0] for m in (self.markers.think, self.markers.tool) if m)
+
+    def _closing(self) -> str | None:
+        if self.state == "reasoning" and self.markers.think:
+            return self.markers.think[1]
+        if self.state == "tool" and self.markers.tool:
+            return self.markers.tool[1]
+        return None
+
+    def _switch(self, marker: str, before: str, parts: list[Part]) -> None:
+        if self.state == "tool":
+            self._tool(before, parts, closed=True)
+            self.state = "content"
+            return
+        self._emit(self.state, before, parts)
+        if self.state == "reasoning":
+            self.state = "content"
+        elif self.markers.think and marker == self.markers.think[0]:
+            self.state = "reasoning"
+        else:
+            self.state = "tool"
+
+    def _flush(self, parts: list[Part]) -> None:
+        if self.state == "tool":
+            self._tool(self.buf, parts, closed=False)
+        else:
+            self._emit(self.state, self.buf, parts)
+        self.buf = ""
+
+    def _tool(self, body: str, parts: list[Part], closed: bool) -> None:
+        """A whole tool-call block: parsed into calls, or, when it does not parse, given back
+        as content exactly as the model wrote it (never an error)."""
+        assert self.markers.tool and self.parse_tool
+        calls = _parse(self.parse_tool, body)
+        if calls is None:
+            start, end = self.markers.tool
+            self._emit("content", start + body + (end if closed else ""), parts)
+            return
+        for name, arguments in calls:
+            parts.append(("tool", name, arguments))
+            self.tool_calls += 1
+
+    @staticmethod
+    def _emit(channel: str, text: str, parts: list[Part]) -> None:
+        if not text:
+            return
+        if parts and parts[-1][0] == channel and channel != "tool":
+            parts[-1] = (channel, parts[-1][1] + text)
+        else:
+            parts.append((channel, text))
+
+
+def _parse(parse_tool: Callable[[str], Any], body: str) -> list[tuple[str, str]] | None:
+    try:
+        parsed = parse_tool(body)
+    except Exception:  # every parser signals bad model output its own way
+        return None
+    items = parsed if isinstance(parsed, list) else [parsed]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        arguments = item.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append((item["name"], json.dumps(arguments, ensure_ascii=False)))
+    return calls or None
+
+
+def _partial_tail(text: str, markers: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a marker."""
+    for n in range(min(len(text), max((len(m) for m in markers), default=1) - 1), 0, -1):
+        tail = text[-n:]
+        if any(m.startswith(tail) for m in markers):
+            return n
+    return 0

@@ -1,0 +1,69 @@
+"""The output splitter on its own: every way of cutting the text into pieces gives the same
+channels, markers split across pieces included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.channels import ChannelSplitter, Markers
+
+MARKERS = Markers(think=("<think>", "</think>"), tool=("<tool_call>", "</tool_call>"))
+
+
+def parse(body: str) -> dict[str, object]:
+    return json.loads(body)
+
+
+def run(text: str, pieces: int, **kw: object) -> list[tuple[str, ...]]:
+    """Feed `text` in pieces of `pieces` characters; merge neighbouring parts of a channel."""
+    splitter = ChannelSplitter(MARKERS, parse, **kw)  # type: ignore[arg-type]
+    chunks = [text[i : i + pieces] for i in range(0, len(text), pieces)] or [""]
+    out: list[tuple[str, ...]] = []
+    for i, chunk in enumerate(chunks):
+        for part in splitter.feed(chunk, final=i == len(chunks) - 1):
+            if out and out[-1][0] == part[0] != "tool":
+                out[-1] = (part[0], out[-1][1] + part[1])
+            else:
+                out.append(part)
+    return out
+
+
+CALL = '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3, 7, 1000])
+def test_channels_whatever_the_pieces(pieces: int) -> None:
+    assert run("<think>hmm</think>Hi <b>", pieces) == [("reasoning", "hmm"), ("content", "Hi <b>")]
+    assert run("Sure." + CALL + CALL, pieces) == [
+        ("content", "Sure."),
+        ("tool", "f", '{"x": 1}'),
+        ("tool", "f", '{"x": 1}'),
+    ]
+    # Malformed: the model's own text comes back as content.
+    broken = '<tool_call>{"name": "f", "arguments": </tool_call>'
+    assert run(broken, pieces) == [("content", broken)]
+    # Cut off inside a call (max_tokens): content too.
+    assert run('<tool_call>{"name"', pieces) == [("content", '<tool_call>{"name"')]
+    # A prompt that opened the think block.
+    assert run("plan</think>done", pieces, in_reasoning=True) == [
+        ("reasoning", "plan"),
+        ("content", "done"),
+    ]
+    # Text that only looks like the start of a marker.
+    assert run("a <thin b <tool c", pieces) == [("content", "a <thin b <tool c")]
+
+
+def test_arguments_as_json_text_and_lists_of_calls() -> None:
+    def many(body: str) -> object:
+        return [{"name": "a", "arguments": '{"k": "v"}'}, {"name": "b"}]
+
+    splitter = ChannelSplitter(MARKERS, many)
+    assert splitter.feed("<tool_call>x</tool_call>", final=True) == [
+        ("tool", "a", '{"k": "v"}'),
+        ("tool", "b", "{}"),
+    ]
+    assert splitter.tool_calls == 2
+    bad_args = ChannelSplitter(MARKERS, lambda b: {"name": "a", "arguments": "[1]"})
+    assert bad_args.feed("<tool_call>x</tool_call>", final=True)[0][0] == "content"
