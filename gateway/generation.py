@@ -42,6 +42,7 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     reasoning: str | None = None  # "separate" | "inline"; None: the profile's, else separate
     tool_parser: str | None = None  # an mlx-lm tool parser module; None: the tokenizer's
+    grammar: str | None = None  # llguidance grammar the output must follow (response_format)
 
     def with_defaults(
         self, profile: dict[str, Any] | None, default_max_tokens: int | None

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from config.settings import parse_duration
 from gateway.generation import GenerationRequest
+from gateway.grammar import grammar_for_text
 
 MAX_CHOICES = 16
 MAX_STOPS = 16
@@ -104,6 +105,29 @@ class ToolChoiceFunction(_Body):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+    def grammar(self) -> str | None:
+        return grammar_for_text(self.model_dump_json(by_alias=True, exclude_none=True))
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -123,6 +147,8 @@ class _Sampling(_Body):
     # Token id (as a string, as OpenAI takes it) -> bias added to its logit; -100 bans it.
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
+    # JSON output, enforced while decoding: every answer parses (and follows the schema).
+    response_format: ResponseFormat | None = None
     # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 300;
     # 0 unloads it right after, a negative value keeps it loaded).
     keep_alive: float | str | None = None
@@ -166,6 +192,7 @@ class _Sampling(_Body):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
+            "grammar": self.response_format.grammar() if self.response_format else None,
         }
 
     def _seeds(self, count: int) -> list[int | None]:

@@ -67,6 +67,7 @@ class Engine:
         self.generated_total = 0
         self.token_texts: dict[int, str] = {}
         self.reported: tuple[int, int] | None = None
+        self.lltok: Any = None  # llguidance tokenizer, for response_format
 
     # Requests ---------------------------------------------------------------------------------
 
@@ -108,6 +109,8 @@ class Engine:
             processors = self._processors(req)
             if forced:
                 processors.append(self._force_prefix(forced))
+            if req.get("grammar"):
+                processors.append(self._constrain(req["grammar"]))
             (uid,) = self.gen.insert(
                 [prompt],
                 max_tokens=[max_tokens],
@@ -180,6 +183,49 @@ class Engine:
             return mx.where(allowed, logits, -float("inf"))
 
         return force
+
+    def _constrain(self, grammar: str) -> Callable[..., Any]:
+        """A logits processor that allows only tokens keeping the output inside `grammar`
+        (llguidance computes the allowed set for each step; once the grammar is complete,
+        only end-of-sequence is allowed)."""
+        import numpy as np
+        from llguidance import LLMatcher
+
+        mx = self.mx
+        matcher = LLMatcher(self._lltokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        eos = np.zeros(self.vocab_size, dtype=bool)
+        eos[list(self.tokenizer.eos_token_ids)] = True
+        step = [0]
+
+        def constrain(tokens: Any, logits: Any) -> Any:
+            if step[0]:
+                matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
+            step[0] += 1
+            width = logits.shape[-1]
+            if matcher.is_error():
+                allowed = eos
+            else:
+                bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+                allowed = np.unpackbits(bits, bitorder="little")[:width].astype(bool)
+            if len(allowed) < width:
+                allowed = np.pad(allowed, (0, width - len(allowed)))
+            return mx.where(mx.array(allowed[:width]), logits, -float("inf"))
+
+        return constrain
+
+    def _lltokenizer(self) -> Any:
+        """llguidance's view of this tokenizer: built on first use (about a second)."""
+        if self.lltok is None:
+            import llguidance.hf
+
+            self.lltok = llguidance.hf.from_tokenizer(
+                self.tokenizer._tokenizer,
+                n_vocab=self.vocab_size,
+                eos_token=list(self.tokenizer.eos_token_ids),
+            )
+        return self.lltok
 
     def _tokenize(self, req: dict[str, Any]) -> list[int]:
         tok = self.tokenizer
