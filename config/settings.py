@@ -61,6 +61,8 @@ class Settings:
     max_messages: int = 2048
     max_prompt_chars: int = 2_000_000  # per prompt, all messages together
     max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
+    # KV caches kept per loaded model for reuse by later prompts with the same beginning.
+    prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
 
     @property
     def db_path(self) -> Path:
@@ -80,6 +82,12 @@ class Settings:
 
     def memory_budget_bytes(self, total_memory: int) -> int:
         return parse_size(self.memory_budget, total_memory)
+
+    @property
+    def prompt_cache_limit_bytes(self) -> int:
+        if str(self.prompt_cache_bytes).strip() in ("0", ""):
+            return 0
+        return parse_size(self.prompt_cache_bytes, 0)
 
     @property
     def body_limit_bytes(self) -> int:
@@ -186,8 +194,10 @@ def _coerce(name: str, value: Any) -> Any:
         if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ValueError
         return flag in ("1", "true", "yes", "on")
-    if name in ("memory_budget", "max_body_bytes"):
-        if name == "max_body_bytes" and str(value).strip().endswith("%"):
+    if name == "prompt_cache_bytes" and str(value).strip() == "0":
+        return "0"
+    if name in ("memory_budget", "max_body_bytes", "prompt_cache_bytes"):
+        if name != "memory_budget" and str(value).strip().endswith("%"):
             raise ValueError
         parse_size(str(value), 1)  # validate now: a typo should stop startup, not a request
         return str(value)

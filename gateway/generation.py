@@ -3,7 +3,8 @@
 A request travels to the worker as a plain dict (`GenerationRequest.payload()`); events travel
 back as small tuples, all events of one decode step in one pipe message:
 
-    ("s", rid, prompt_tokens)                         started (prompt accepted)
+    ("s", rid, prompt_tokens, cached_tokens)          started (prompt accepted; cached_tokens
+                                                      of it reused from the prompt cache)
     ("d", rid, text, logprob)                         one token; logprob is None unless asked:
                                                       (token, logprob, [(token, logprob), ...])
     ("r", rid, text)                                  reasoning text (inside think markers)

@@ -139,6 +139,7 @@ class Generation:
         self.requests = requests
         self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.prompt_tokens = [0] * len(requests)
+        self.cached_tokens = [0] * len(requests)  # of prompt_tokens, reused from the cache
         self._index: dict[str, int] = {}
         self._early: list[tuple[Any, ...]] = []
         self._open: set[str] = set()
@@ -156,6 +157,7 @@ class Generation:
                 ev = await self.queue.get()
                 if ev[0] == "s":
                     self.prompt_tokens[self._index[ev[1]]] = ev[2]
+                    self.cached_tokens[self._index[ev[1]]] = ev[3]
                     waiting.discard(ev[1])
                 elif ev[0] == "e":
                     self._open.discard(ev[1])
@@ -303,6 +305,12 @@ class ModelPool:
 
     # Requests -------------------------------------------------------------------------------
 
+    def _worker_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.settings.batch_size,
+            "prompt_cache_bytes": self.settings.prompt_cache_limit_bytes,
+        }
+
     async def generate(
         self, name: str, requests: list[GenerationRequest], keep_alive: float | None = None
     ) -> Generation:
@@ -380,9 +388,7 @@ class ModelPool:
                 await self._make_room(slot)
                 slot.state, slot.error = "loading", None
                 slot.loads += 1
-                handle = WorkerHandle(
-                    slot.model, {"batch_size": self.settings.batch_size}, self._on_worker_exit
-                )
+                handle = WorkerHandle(slot.model, self._worker_options(), self._on_worker_exit)
                 slot.handle = handle
             await handle.start(self.settings.load_timeout, self._take_spare())
         except LoadAbandoned:

@@ -20,6 +20,8 @@ from typing import Any
 from gateway.channels import ChannelSplitter, Markers
 from gateway.hub import context_length_of
 
+KEY = "model"  # the prompt cache's model key: a worker serves one model
+
 
 @dataclass
 class _Sequence:
@@ -45,6 +47,7 @@ class Engine:
         context_length: int,
         batch_size: int,
         vocab_size: int,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator, StopSequences
@@ -68,6 +71,15 @@ class Engine:
         self.token_texts: dict[int, str] = {}
         self.reported: tuple[int, int] | None = None
         self.lltok: Any = None  # llguidance tokenizer, for response_format
+        # KV caches of finished sequences, found again by longest common token prefix (chats
+        # resend their history); mlx-lm's trie + LRU, bounded in bytes.
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.prompt_cache = (
+            LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+            if prompt_cache_bytes > 0
+            else None
+        )
 
     # Requests ---------------------------------------------------------------------------------
 
@@ -111,8 +123,11 @@ class Engine:
                 processors.append(self._force_prefix(forced))
             if req.get("grammar"):
                 processors.append(self._constrain(req["grammar"]))
+            cache, cached = self._cached_prefix(prompt)
             (uid,) = self.gen.insert(
-                [prompt],
+                [prompt[cached:]],
+                caches=[cache],
+                all_tokens=[prompt[:cached]],
                 max_tokens=[max_tokens],
                 samplers=[self._sampler(req)],
                 logits_processors=[processors],
@@ -132,7 +147,24 @@ class Engine:
             parallel_tool_calls=bool(req.get("parallel_tool_calls", True)),
         )
         self.uid_of[rid] = uid
-        events.append(("s", rid, len(prompt)))
+        events.append(("s", rid, len(prompt), cached))
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[Any, int]:
+        """A KV cache for the longest cached prefix of `prompt`, and that prefix's length. At
+        least the last prompt token is always computed: its logits give the first token."""
+        if self.prompt_cache is None:
+            return None, 0
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(KEY, prompt)
+        if cache is None:
+            return None, 0
+        if not rest:  # the whole prompt was cached
+            if not can_trim_prompt_cache(cache):
+                return None, 0
+            trim_prompt_cache(cache, 1)
+            return cache, len(prompt) - 1
+        return cache, len(prompt) - len(rest)
 
     def _channels(
         self, req: dict[str, Any], prompt: list[int]
@@ -313,6 +345,9 @@ class Engine:
                     events.append(("d", seq.rid, text, lp))
             else:
                 self._split(seq, text, final, lp, events)
+            if r.finish_reason is not None and self.prompt_cache is not None:
+                if r.prompt_cache:
+                    self.prompt_cache.insert_cache(KEY, list(r.all_tokens), r.prompt_cache)
             reason = "stop" if hit_stop else r.finish_reason
             if reason == "stop" and seq.channels is not None and seq.channels.tool_calls:
                 reason = "tool_calls"
@@ -448,7 +483,15 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
     try:
         cfg = config.get("text_config", config)
         vocab = max(int(cfg.get("vocab_size") or 0), len(tokenizer))
-        Engine(model, tokenizer, conn, context, int(options.get("batch_size", 32)), vocab).run()
+        Engine(
+            model,
+            tokenizer,
+            conn,
+            context,
+            int(options.get("batch_size", 32)),
+            vocab,
+            int(options.get("prompt_cache_bytes", 0)),
+        ).run()
     except (EOFError, OSError, KeyboardInterrupt):
         pass  # the gateway went away: exit quietly
     finally:
