@@ -188,3 +188,27 @@ def test_bad_tool_requests(client: openai.OpenAI) -> None:
     assert err["param"] == "messages.1.tool_calls.0.function.arguments"
     err = refused(messages=ASK_WEATHER, tools=[{"type": "function", "function": {}}])
     assert err["param"] == "tools.0.function.name"
+
+
+def test_a_profile_picks_the_tool_parser(client: openai.OpenAI, server: Server) -> None:
+    """The tokenizer's parser (json_tools, inferred from the template) is the default; a
+    profile may name another, here one that does not read this model's format."""
+    r = httpx.post(
+        server.url + "/admin/profiles",
+        json={"name": "agent-xml", "model": AGENT, "tool_parser": "qwen3_coder"},
+    )
+    assert r.status_code == 201, r.text
+    try:
+        reply = client.chat.completions.create(
+            model="agent-xml", messages=ASK_WEATHER, tools=TOOLS, **GREEDY
+        )
+        message = reply.choices[0].message
+        assert not message.tool_calls and message.content.startswith("<tool_call>")
+    finally:
+        httpx.delete(server.url + "/admin/profiles/agent-xml")
+    bad = httpx.post(
+        server.url + "/admin/profiles",
+        json={"name": "agent-bad", "model": AGENT, "tool_parser": "nope"},
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "tool_parser" and "json_tools" in bad.text
