@@ -16,20 +16,9 @@ from config.store import Store
 from gateway.profiles import Profile
 from tests.conftest import Models
 from tests.fake_hub import FakeHub, repo_from_folder
-from tests.server import Server, start_server
+from tests.test_hub import serve
 
 REPO = "mlx-community/tiny-durable"
-
-
-def _serve(models: Models, hub: FakeHub, tmp_path: Path) -> Server:
-    env = {
-        "MLX_MANAGER_MODEL_DIRS": str(models.folder),
-        "HF_HUB_CACHE": str(tmp_path / "hf"),
-        "HF_ENDPOINT": hub.url,
-        "HF_HUB_OFFLINE": "0",
-        "MLX_MANAGER_WARM_SPARE": "0",
-    }
-    return start_server(tmp_path / "home", env)
 
 
 class Writer(threading.Thread):
@@ -86,7 +75,7 @@ def test_sigkill_during_profile_writes_and_a_download(models: Models, tmp_path: 
     hub = FakeHub().start()
     hub.add(repo_from_folder(REPO, models.path("tiny-big")))
     hub.delay = 0.05
-    server = _serve(models, hub, tmp_path)
+    server = serve(models, hub, tmp_path, MLX_MANAGER_WARM_SPARE="0")
     try:
         job = httpx.post(server.url + "/admin/downloads", json={"model": REPO}).json()
         writers = [Writer(server.url, f"w{n}") for n in range(4)]
@@ -138,7 +127,7 @@ def test_sigkill_during_profile_writes_and_a_download(models: Models, tmp_path: 
         )
 
         # A restart carries on: the same profiles, and the download completes.
-        again = _serve(models, hub, tmp_path)
+        again = serve(models, hub, tmp_path, MLX_MANAGER_WARM_SPARE="0")
         try:
             listed = httpx.get(again.url + "/admin/profiles").json()["data"]
             assert {p["name"] for p in listed} == set(rows)
