@@ -11,12 +11,19 @@ MLX): the worker runs one splitter per sequence.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# ("content", text) | ("reasoning", text) | ("tool", name, arguments_json)
+# ("content", text) | ("reasoning", text) | ("tool_start", name) | ("tool_args", json_text)
+# A call is a "tool_start" then its arguments in one or more "tool_args" pieces.
 Part = tuple[str, ...]
+
+# The start of a JSON call, up to its arguments' first character: {"name": "...", "arguments":
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+# What may still be the end of the call rather than of its arguments: its closing brace.
+_CLOSING = re.compile(r"\s*\}?\s*$")
 
 
 @dataclass(frozen=True)
@@ -31,12 +38,20 @@ class ChannelSplitter:
         markers: Markers,
         parse_tool: Callable[[str], Any] | None,
         in_reasoning: bool = False,
+        json_calls: bool = False,
     ) -> None:
+        """`json_calls`: calls are `{"name": ..., "arguments": {...}}` and a grammar keeps them
+        well-formed, so their arguments can stream as they are written; otherwise a call is
+        parsed whole at its end marker (and returned as content when it does not parse)."""
         self.markers = markers
         self.parse_tool = parse_tool
+        self.json_calls = json_calls
         self.state = "reasoning" if in_reasoning and markers.think else "content"
         self.buf = ""
         self.tool_calls = 0
+        self.call_open = False  # a JSON call's name went out; its arguments are streaming
+        self.args_at = 0  # where its arguments start in the call's text
+        self.args_sent = 0  # how much of them went out
 
     def feed(self, text: str, final: bool = False) -> list[Part]:
         self.buf += text
@@ -55,9 +70,11 @@ class ChannelSplitter:
             self._flush(parts)
         else:
             keep = _partial_tail(self.buf, [m for m in (*self._opening(), self._closing()) if m])
-            if self.state != "tool":  # a tool call is parsed whole: nothing leaves before its end
+            if self.state != "tool":
                 self._emit(self.state, self.buf[: len(self.buf) - keep], parts)
                 self.buf = self.buf[len(self.buf) - keep :]
+            elif self.json_calls:
+                self._stream_call(self.buf[: len(self.buf) - keep], parts, end=False)
         return parts
 
     def _opening(self) -> tuple[str, ...]:
@@ -92,24 +109,51 @@ class ChannelSplitter:
             self._emit(self.state, self.buf, parts)
         self.buf = ""
 
+    def _stream_call(self, body: str, parts: list[Part], end: bool) -> bool:
+        """Send what is known of a JSON call: its name once the header is complete, then its
+        arguments as they grow, holding back what may be the call's own closing brace.
+        False when the header has not (yet) been seen."""
+        if not self.call_open:
+            header = _HEADER.match(body)
+            if header is None:
+                return False
+            parts.append(("tool_start", json.loads(f'"{header.group(1)}"')))
+            self.call_open, self.args_at, self.args_sent = True, header.end(), 0
+            self.tool_calls += 1
+        args = body[self.args_at :]
+        if end:  # the end marker came: drop the call's closing brace
+            args = args.rstrip()
+            args = args[:-1].rstrip() if args.endswith("}") else args
+        else:
+            args = args[: _CLOSING.search(args).start()]  # type: ignore[union-attr]
+        if len(args) > self.args_sent:
+            parts.append(("tool_args", args[self.args_sent :]))
+            self.args_sent = len(args)
+        return True
+
     def _tool(self, body: str, parts: list[Part], closed: bool) -> None:
-        """A whole tool-call block: parsed into calls, or, when it does not parse, given back
-        as content exactly as the model wrote it (never an error)."""
+        """The end of a tool-call block. A JSON call that has been streaming is finished (cut
+        off, when `closed` is false); any other block is parsed whole into calls or, when it
+        does not parse, given back as content exactly as the model wrote it."""
         assert self.markers.tool and self.parse_tool
+        if self.json_calls and self._stream_call(body, parts, end=closed):
+            self.call_open = False
+            return
         calls = _parse(self.parse_tool, body)
         if calls is None:
             start, end = self.markers.tool
             self._emit("content", start + body + (end if closed else ""), parts)
             return
         for name, arguments in calls:
-            parts.append(("tool", name, arguments))
+            parts.append(("tool_start", name))
+            parts.append(("tool_args", arguments))
             self.tool_calls += 1
 
     @staticmethod
     def _emit(channel: str, text: str, parts: list[Part]) -> None:
         if not text:
             return
-        if parts and parts[-1][0] == channel and channel != "tool":
+        if parts and parts[-1][0] == channel:
             parts[-1] = (channel, parts[-1][1] + text)
         else:
             parts.append((channel, text))

@@ -8,7 +8,8 @@ back as small tuples, all events of one decode step in one pipe message:
     ("d", rid, text, logprob)                         one token; logprob is None unless asked:
                                                       (token, logprob, [(token, logprob), ...])
     ("r", rid, text)                                  reasoning text (inside think markers)
-    ("t", rid, call_id, name, arguments_json)         a whole, parsed tool call
+    ("tc", rid, call_id, name)                        a tool call starts
+    ("ta", rid, text)                                 more of its arguments (JSON text)
     ("f", rid, finish_reason, completion_tokens)      finished ("stop" or "length")
     ("e", rid, kind, message)                         failed; kind names a gateway.errors class
 """
@@ -85,4 +86,4 @@ class Choice:
     completion_tokens: int = 0
     logprobs: list[tuple[str, float, list[tuple[str, float]]]] = field(default_factory=list)
     reasoning: str = ""
-    tool_calls: list[tuple[str, str, str]] = field(default_factory=list)  # id, name, arguments
+    tool_calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments]

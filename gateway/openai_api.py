@@ -269,33 +269,22 @@ class _Endpoint:
         return completion
 
     @staticmethod
-    def tool_call_chunks(ev: tuple[Any, ...], position: int) -> list[str]:
-        """A tool call as OpenAI streams one: its id and name first, then its arguments; each
-        call of a choice has its own `index`."""
-        _, choice, call_id, name, arguments = ev
-        head = {"index": position, "id": call_id, "type": "function"}
-        return [
-            json.dumps(
-                {
-                    "index": choice,
-                    "delta": {
-                        "tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]
-                    },
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ),
-            json.dumps(
-                {
-                    "index": choice,
-                    "delta": {
-                        "tool_calls": [{"index": position, "function": {"arguments": arguments}}]
-                    },
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ),
-        ]
+    def tool_call_chunk(ev: tuple[Any, ...], position: int) -> str:
+        """One piece of a streamed tool call: its id and name first ("tc"), then its arguments
+        as they are written ("ta"). Each call of a choice has its own `index`."""
+        call: dict[str, Any] = {"index": position}
+        if ev[0] == "tc":
+            call |= {"id": ev[2], "type": "function", "function": {"name": ev[3], "arguments": ""}}
+        else:
+            call["function"] = {"arguments": ev[2]}
+        return json.dumps(
+            {
+                "index": ev[1],
+                "delta": {"tool_calls": [call]},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
 
     def first_chunks(self, n: int) -> list[str]:
         """Chat streams open each choice with the assistant role."""
@@ -336,12 +325,11 @@ class _Endpoint:
         try:
             for first in self.first_chunks(len(gen.requests)):
                 yield pre + first + post
-            calls = [0] * len(gen.requests)  # tool calls so far, per choice
+            calls = [0] * len(gen.requests)  # tool calls started, per choice
             async for ev in gen:
-                if ev[0] == "t":
-                    for chunk in self.tool_call_chunks(ev, calls[ev[1]]):
-                        yield pre + chunk + post
-                    calls[ev[1]] += 1
+                if ev[0] in ("tc", "ta"):
+                    calls[ev[1]] += ev[0] == "tc"
+                    yield pre + self.tool_call_chunk(ev, calls[ev[1]] - 1) + post
                     continue
                 if ev[0] == "f":
                     tokens += ev[3]

@@ -206,8 +206,10 @@ class Generation:
                         c.logprobs.append(ev[3])
                 elif ev[0] == "r":
                     c.reasoning += ev[2]
-                elif ev[0] == "t":
-                    c.tool_calls.append(ev[2:5])
+                elif ev[0] == "tc":
+                    c.tool_calls.append([ev[2], ev[3], ""])
+                elif ev[0] == "ta":
+                    c.tool_calls[-1][2] += ev[2]
                 elif ev[0] == "f":
                     c.finish_reason, c.completion_tokens = ev[2], ev[3]
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import time
 import traceback
@@ -123,6 +124,8 @@ class Engine:
                 processors.append(self._force_prefix(forced))
             if req.get("grammar"):
                 processors.append(self._constrain(req["grammar"]))
+            elif channels is not None and channels.json_calls:
+                processors.append(self._call_grammar(req["tools"], channels.markers.tool))
             cache, cached = self._cached_prefix(prompt)
             (uid,) = self.gen.insert(
                 [prompt[cached:]],
@@ -177,7 +180,7 @@ class Engine:
         think = None
         if tok.has_thinking and req.get("reasoning") != "inline":
             think = (tok.think_start, tok.think_end)
-        tool, parse = None, None
+        tool, parse, json_calls = None, None, False
         if req.get("tools"):
             name = req.get("tool_parser")
             if name:  # a profile's choice over the tokenizer's own
@@ -191,6 +194,7 @@ class Engine:
             if tool:
                 tools = req["tools"]
                 parse = lambda body: parser(body, tools)  # noqa: E731
+                json_calls = parser.__module__ == "mlx_lm.tool_parsers.json_tools"
         if think is None and tool is None:
             return None, []
         # A template may open the think block itself (the prompt ends inside it).
@@ -199,7 +203,10 @@ class Engine:
         forced: list[int] = []
         if tool and req.get("tool_choice") == "required":
             forced = tok.encode(tool[0], add_special_tokens=False)
-        return ChannelSplitter(Markers(think, tool), parse, in_reasoning=inside), forced
+        splitter = ChannelSplitter(
+            Markers(think, tool), parse, in_reasoning=inside, json_calls=json_calls
+        )
+        return splitter, forced
 
     def _force_prefix(self, forced: list[int]) -> Callable[..., Any]:
         """A logits processor that makes the first generated tokens `forced`."""
@@ -244,6 +251,70 @@ class Engine:
             if len(allowed) < width:
                 allowed = np.pad(allowed, (0, width - len(allowed)))
             return mx.where(mx.array(allowed[:width]), logits, -float("inf"))
+
+        return constrain
+
+    def _call_grammar(self, tools: list[dict[str, Any]], markers: Any) -> Callable[..., Any]:
+        """A lazy grammar for JSON tool calls: free text until the model writes the call
+        marker, then only `{"name": <a tool>, "arguments": <that tool's parameters>}` and the
+        end marker. Calls are then always well-formed, so their arguments can stream."""
+        import numpy as np
+        from llguidance import LLMatcher
+
+        mx = self.mx
+        schema = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": t["function"]["name"]},
+                        "arguments": t["function"].get("parameters") or {"type": "object"},
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for t in tools
+            ]
+        }
+        # The layout json.dumps and chat templates use; free whitespace would let a model pad
+        # a call forever.
+        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
+        start = self.tokenizer.encode(markers[0], add_special_tokens=False)
+        end = self.tokenizer.encode(markers[1], add_special_tokens=False)
+        lltok = self._lltokenizer()
+        state: dict[str, Any] = {"step": 0, "recent": [], "matcher": None, "ending": []}
+
+        def only(token: int, width: int) -> Any:
+            return mx.arange(width) == token
+
+        def constrain(tokens: Any, logits: Any) -> Any:
+            width = logits.shape[-1]
+            last = int(tokens.reshape(-1)[-1].item()) if state["step"] else None
+            state["step"] += 1
+            matcher = state["matcher"]
+            if state["ending"]:  # writing the end marker, token by token
+                return mx.where(only(state["ending"].pop(0), width), logits, -float("inf"))
+            if matcher is None:
+                if last is not None:
+                    state["recent"] = (state["recent"] + [last])[-len(start) :]
+                if state["recent"] != start:
+                    return logits
+                matcher = state["matcher"] = LLMatcher(lltok, grammar, log_level=0)
+            elif last is not None:
+                matcher.consume_token(last)
+            if matcher.is_error():
+                state["matcher"], state["recent"] = None, []
+                return logits
+            if matcher.is_stopped():  # the call's JSON is complete: the end marker follows
+                state["matcher"], state["recent"] = None, []
+                state["ending"] = list(end[1:])
+                return mx.where(only(end[0], width), logits, -float("inf"))
+            bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+            allowed = np.unpackbits(bits, bitorder="little")[:width].astype(bool)
+            if len(allowed) < width:
+                allowed = np.pad(allowed, (0, width - len(allowed)))
+            return mx.where(mx.array(allowed), logits, -float("inf"))
 
         return constrain
 
@@ -372,9 +443,12 @@ class Engine:
                 lp = None
             elif part[0] == "reasoning":
                 events.append(("r", seq.rid, part[1]))
-            elif seq.parallel_tool_calls or not seq.tool_calls_sent:
+            elif part[0] == "tool_start":
                 seq.tool_calls_sent += 1
-                events.append(("t", seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1], part[2]))
+                if seq.parallel_tool_calls or seq.tool_calls_sent == 1:
+                    events.append(("tc", seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1]))
+            elif seq.parallel_tool_calls or seq.tool_calls_sent == 1:
+                events.append(("ta", seq.rid, part[1]))
 
     def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached (never emitted)."""

@@ -16,6 +16,7 @@ from tests.agent_model import (
     ASK_TWO,
     ASK_WEATHER,
     BROKEN_CALL,
+    CALL_PARIS,
     FINAL_ANSWER,
     THINK_ANSWER,
     THOUGHT,
@@ -100,13 +101,45 @@ def test_parallel_calls_have_distinct_indices(client: openai.OpenAI) -> None:
     assert both["indices"] == [0, 1]
 
 
-def test_malformed_tool_output_is_content(client: openai.OpenAI) -> None:
+def test_the_grammar_keeps_calls_well_formed(client: openai.OpenAI) -> None:
+    """Trained to write a broken call, the model is held by the lazy tool-call grammar to a
+    call of a real tool with arguments that follow its parameters."""
     reply = ask(client, ASK_BROKEN, tools=TOOLS)
     choice = reply.choices[0]
-    assert choice.message.content == BROKEN_CALL and not choice.message.tool_calls
-    assert choice.finish_reason == "stop"
+    calls = plain_calls(choice.message)
+    assert calls and choice.finish_reason in ("tool_calls", "length")
+    assert calls[0]["name"] == "get_weather"  # where the model went before it broke
+    for call in calls if choice.finish_reason == "tool_calls" else calls[:1]:
+        args = json.loads(call["arguments"])
+        if call["name"] == "get_weather":
+            assert isinstance(args["city"], str)
+        else:
+            assert call["name"] == "get_time" and isinstance(args, dict)
+    assert BROKEN_CALL not in (choice.message.content or "")
     s = streamed(client, ASK_BROKEN, tools=TOOLS)
-    assert s["content"] == BROKEN_CALL and s["calls"] == [] and s["finish"] == "stop"
+    assert [(c["name"], c["arguments"]) for c in s["calls"]] == [
+        (c["name"], c["arguments"]) for c in calls
+    ]
+
+
+def test_arguments_stream_before_the_call_ends(client: openai.OpenAI) -> None:
+    """Cut off by max_tokens inside its arguments, a call has already sent what it wrote:
+    arguments go out as they are generated, and the stream still equals the plain answer."""
+    for max_tokens in range(2, 30):
+        reply = ask(client, ASK_WEATHER, tools=TOOLS, max_tokens=max_tokens)
+        calls = plain_calls(reply.choices[0].message)
+        if calls and calls[0]["arguments"] and reply.choices[0].finish_reason == "length":
+            break
+    else:
+        raise AssertionError("no cut-off point fell inside the arguments")
+    with pytest.raises(ValueError):
+        json.loads(calls[0]["arguments"])  # a part of '{"city": "Paris"}'
+    assert '{"city": "Paris"}'.startswith(calls[0]["arguments"])
+    s = streamed(client, ASK_WEATHER, tools=TOOLS, max_tokens=max_tokens)
+    assert s["finish"] == "length"
+    assert [(c["name"], c["arguments"]) for c in s["calls"]] == [
+        (c["name"], c["arguments"]) for c in calls
+    ]
 
 
 def test_a_whole_tool_loop(client: openai.OpenAI) -> None:
@@ -155,11 +188,16 @@ def test_tool_choice(client: openai.OpenAI) -> None:
     none = ask(client, ASK_WEATHER, tools=TOOLS, tool_choice="none").choices[0]
     assert not none.message.tool_calls and none.finish_reason != "tool_calls"
     # "required" on a prompt the model would answer with text: the output starts as a call.
+    # (and the tool-call grammar makes it a well-formed one).
     required = ask(client, ASK_THINK, tools=TOOLS, tool_choice="required").choices[0].message
-    assert required.tool_calls or (required.content or "").startswith("<tool_call>")
-    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert required.tool_calls and required.tool_calls[0].function.name in (
+        "get_weather",
+        "get_time",
+    )
+    # A named function: only that tool is offered, so only it can be called.
+    named = {"type": "function", "function": {"name": "get_time"}}
     forced = ask(client, ASK_WEATHER, tools=TOOLS, tool_choice=named).choices[0].message
-    assert forced.tool_calls or (forced.content or "").startswith("<tool_call>")
+    assert forced.tool_calls and {c.function.name for c in forced.tool_calls} == {"get_time"}
 
 
 def test_bad_tool_requests(client: openai.OpenAI) -> None:
@@ -192,7 +230,8 @@ def test_bad_tool_requests(client: openai.OpenAI) -> None:
 
 def test_a_profile_picks_the_tool_parser(client: openai.OpenAI, server: Server) -> None:
     """The tokenizer's parser (json_tools, inferred from the template) is the default; a
-    profile may name another, here one that does not read this model's format."""
+    profile may name another, here one that does not read this model's format: what does
+    not parse comes back as content, exactly as the model wrote it."""
     r = httpx.post(
         server.url + "/admin/profiles",
         json={"name": "agent-xml", "model": AGENT, "tool_parser": "qwen3_coder"},
@@ -203,7 +242,7 @@ def test_a_profile_picks_the_tool_parser(client: openai.OpenAI, server: Server) 
             model="agent-xml", messages=ASK_WEATHER, tools=TOOLS, **GREEDY
         )
         message = reply.choices[0].message
-        assert not message.tool_calls and message.content.startswith("<tool_call>")
+        assert not message.tool_calls and message.content == CALL_PARIS
     finally:
         httpx.delete(server.url + "/admin/profiles/agent-xml")
     bad = httpx.post(

@@ -23,7 +23,7 @@ def run(text: str, pieces: int, **kw: object) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for i, chunk in enumerate(chunks):
         for part in splitter.feed(chunk, final=i == len(chunks) - 1):
-            if out and out[-1][0] == part[0] != "tool":
+            if out and out[-1][0] == part[0] != "tool_start":
                 out[-1] = (part[0], out[-1][1] + part[1])
             else:
                 out.append(part)
@@ -36,10 +36,19 @@ CALL = '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'
 @pytest.mark.parametrize("pieces", [1, 2, 3, 7, 1000])
 def test_channels_whatever_the_pieces(pieces: int) -> None:
     assert run("<think>hmm</think>Hi <b>", pieces) == [("reasoning", "hmm"), ("content", "Hi <b>")]
-    assert run("Sure." + CALL + CALL, pieces) == [
-        ("content", "Sure."),
-        ("tool", "f", '{"x": 1}'),
-        ("tool", "f", '{"x": 1}'),
+    two = [("tool_start", "f"), ("tool_args", '{"x": 1}')] * 2
+    assert run("Sure." + CALL + CALL, pieces) == [("content", "Sure."), *two]
+    # JSON calls kept well-formed by a grammar stream their arguments as written.
+    spaced = '<tool_call> {"name": "f", "arguments": {"x": {"y": [1, 2]}} } </tool_call>'
+    assert run(spaced + "ok", pieces, json_calls=True) == [
+        ("tool_start", "f"),
+        ("tool_args", '{"x": {"y": [1, 2]}}'),
+        ("content", "ok"),
+    ]
+    # ... and one cut off by max_tokens ends where the text ended.
+    assert run('<tool_call>{"name": "f", "arguments": {"x": [1', pieces, json_calls=True) == [
+        ("tool_start", "f"),
+        ("tool_args", '{"x": [1'),
     ]
     # Malformed: the model's own text comes back as content.
     broken = '<tool_call>{"name": "f", "arguments": </tool_call>'
@@ -61,8 +70,10 @@ def test_arguments_as_json_text_and_lists_of_calls() -> None:
 
     splitter = ChannelSplitter(MARKERS, many)
     assert splitter.feed("<tool_call>x</tool_call>", final=True) == [
-        ("tool", "a", '{"k": "v"}'),
-        ("tool", "b", "{}"),
+        ("tool_start", "a"),
+        ("tool_args", '{"k": "v"}'),
+        ("tool_start", "b"),
+        ("tool_args", "{}"),
     ]
     assert splitter.tool_calls == 2
     bad_args = ChannelSplitter(MARKERS, lambda b: {"name": "a", "arguments": "[1]"})
