@@ -39,6 +39,23 @@ class _Sequence:
     tool_calls_sent: int = 0
 
 
+def _fit(mask: Any, width: int) -> Any:
+    """A boolean token mask cut or padded (with False) to `width` logits."""
+    import numpy as np
+
+    mask = mask[:width]
+    return np.pad(mask, (0, width - len(mask))) if len(mask) < width else mask
+
+
+def _allowed(matcher: Any, width: int) -> Any:
+    """The tokens an llguidance matcher allows next, as an MLX boolean mask."""
+    import mlx.core as mx
+    import numpy as np
+
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    return mx.array(_fit(np.unpackbits(bits, bitorder="little").astype(bool), width))
+
+
 class Engine:
     def __init__(
         self,
@@ -242,15 +259,9 @@ class Engine:
             if step[0]:
                 matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
             step[0] += 1
-            width = logits.shape[-1]
             if matcher.is_error():
-                allowed = eos
-            else:
-                bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-                allowed = np.unpackbits(bits, bitorder="little")[:width].astype(bool)
-            if len(allowed) < width:
-                allowed = np.pad(allowed, (0, width - len(allowed)))
-            return mx.where(mx.array(allowed[:width]), logits, -float("inf"))
+                return mx.where(mx.array(_fit(eos, logits.shape[-1])), logits, -float("inf"))
+            return mx.where(_allowed(matcher, logits.shape[-1]), logits, -float("inf"))
 
         return constrain
 
@@ -258,7 +269,6 @@ class Engine:
         """A lazy grammar for JSON tool calls: free text until the model writes the call
         marker, then only `{"name": <a tool>, "arguments": <that tool's parameters>}` and the
         end marker. Calls are then always well-formed, so their arguments can stream."""
-        import numpy as np
         from llguidance import LLMatcher
 
         mx = self.mx
@@ -310,11 +320,7 @@ class Engine:
                 state["matcher"], state["recent"] = None, []
                 state["ending"] = list(end[1:])
                 return mx.where(only(end[0], width), logits, -float("inf"))
-            bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-            allowed = np.unpackbits(bits, bitorder="little")[:width].astype(bool)
-            if len(allowed) < width:
-                allowed = np.pad(allowed, (0, width - len(allowed)))
-            return mx.where(mx.array(allowed), logits, -float("inf"))
+            return mx.where(_allowed(matcher, width), logits, -float("inf"))
 
         return constrain
 
