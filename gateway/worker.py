@@ -39,6 +39,12 @@ class _Sequence:
     tool_calls_sent: int = 0
 
 
+def _finite(logprob: float) -> float:
+    """Tokens a grammar or a -100 logit_bias rules out have a logprob of -inf, which JSON
+    cannot carry: -9999.0 stands for it, as in OpenAI's answers."""
+    return max(float(logprob), -9999.0) if logprob == logprob else -9999.0
+
+
 def _fit(mask: Any, width: int) -> Any:
     """A boolean token mask cut or padded (with False) to `width` logits."""
     import numpy as np
@@ -498,8 +504,8 @@ class Engine:
             vals = r.logprobs[idx]
             order = mx.argsort(-vals)
             ids, lps = idx[order].tolist(), vals[order].tolist()
-            top = [(decode(i), float(v)) for i, v in zip(ids, lps, strict=True)]
-        return decode(r.token), float(r.logprobs[r.token].item()), top
+            top = [(decode(i), _finite(v)) for i, v in zip(ids, lps, strict=True)]
+        return decode(r.token), _finite(r.logprobs[r.token].item()), top
 
     # Main loop ----------------------------------------------------------------------------------
 

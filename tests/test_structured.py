@@ -126,3 +126,21 @@ def test_bad_response_formats(client: openai.OpenAI) -> None:
     assert refused({"type": "xml"})["param"] == "response_format.type"
     # "text" is plain text, as without a response_format.
     assert ask(client, {"type": "text"}, max_tokens=5).choices[0].message.content is not None
+
+
+def test_logprobs_of_ruled_out_tokens(client: openai.OpenAI) -> None:
+    """A grammar rules most tokens out (logprob -inf, which JSON cannot carry): they are
+    reported as -9999.0, as OpenAI does, streamed or not (the fuzz found the 500 this was)."""
+    kw = {"seed": 1, "max_tokens": 6, "logprobs": True, "top_logprobs": 20}
+    reply = ask(client, {"type": "json_object"}, **kw)
+    tops = [t.logprob for e in reply.choices[0].logprobs.content for t in e.top_logprobs]
+    assert tops and min(tops) == -9999.0
+    chunks = ask(client, {"type": "json_object"}, stream=True, **kw)
+    streamed = [
+        t.logprob
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+        for t in e.top_logprobs
+    ]
+    assert streamed == tops
