@@ -85,7 +85,7 @@ class Settings:
 
     @property
     def prompt_cache_limit_bytes(self) -> int:
-        if str(self.prompt_cache_bytes).strip() in ("0", ""):
+        if self.prompt_cache_bytes == "0":  # _coerce stores 0 (off) as "0"
             return 0
         return parse_size(self.prompt_cache_bytes, 0)
 

@@ -242,6 +242,7 @@ class ChatCompletionRequest(_Sampling):
         reasoning = {"none": "inline", "deepseek": "separate", "auto": "separate"}.get(
             self.reasoning_format or "", self.reasoning_format
         )
+        common = self._common()  # once: it compiles response_format's grammar
         return [
             GenerationRequest(
                 kind="chat",
@@ -254,7 +255,7 @@ class ChatCompletionRequest(_Sampling):
                 tool_choice=tool_choice,
                 parallel_tool_calls=self.parallel_tool_calls,
                 reasoning=reasoning,
-                **self._common(),
+                **common,
             )
             for seed in self._seeds(self.n)
         ]
@@ -278,6 +279,7 @@ class CompletionRequest(_Sampling):
 
     def generation_requests(self) -> list[GenerationRequest]:
         # Choices are ordered prompt by prompt, n per prompt, as OpenAI orders them.
+        common = self._common()
         return [
             GenerationRequest(
                 kind="completion",
@@ -286,7 +288,7 @@ class CompletionRequest(_Sampling):
                 seed=seed,
                 logprobs=self.logprobs is not None,
                 top_logprobs=self.logprobs or 0,
-                **self._common(),
+                **common,
             )
             for prompt in self.prompts
             for seed in self._seeds(self.n)

@@ -45,21 +45,30 @@ def _finite(logprob: float) -> float:
     return max(float(logprob), -9999.0) if logprob == logprob else -9999.0
 
 
-def _fit(mask: Any, width: int) -> Any:
-    """A boolean token mask cut or padded (with False) to `width` logits."""
+def _keep(logits: Any, allowed: Any) -> Any:
+    """`logits` with every token outside `allowed` (a boolean mask) ruled out."""
+    import mlx.core as mx
+
+    return mx.where(allowed, logits, -float("inf"))
+
+
+def _only(tokens: list[int], width: int) -> Any:
+    """A mask over `width` logits that allows just `tokens`."""
+    import mlx.core as mx
     import numpy as np
 
-    mask = mask[:width]
-    return np.pad(mask, (0, width - len(mask))) if len(mask) < width else mask
+    return mx.array(np.isin(np.arange(width), tokens))
 
 
 def _allowed(matcher: Any, width: int) -> Any:
-    """The tokens an llguidance matcher allows next, as an MLX boolean mask."""
+    """The tokens an llguidance matcher allows next, as a mask over `width` logits (cut or
+    padded with False: the model's vocabulary may be padded beyond the tokenizer's)."""
     import mlx.core as mx
     import numpy as np
 
     bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-    return mx.array(_fit(np.unpackbits(bits, bitorder="little").astype(bool), width))
+    mask = np.unpackbits(bits, bitorder="little").astype(bool)[:width]
+    return mx.array(np.pad(mask, (0, width - len(mask))))
 
 
 class Engine:
@@ -233,7 +242,6 @@ class Engine:
 
     def _force_prefix(self, forced: list[int]) -> Callable[..., Any]:
         """A logits processor that makes the first generated tokens `forced`."""
-        mx = self.mx
         step = [0]
 
         def force(tokens: Any, logits: Any) -> Any:
@@ -241,8 +249,7 @@ class Engine:
             step[0] += 1
             if i >= len(forced):
                 return logits
-            allowed = mx.arange(logits.shape[-1]) == forced[i]
-            return mx.where(allowed, logits, -float("inf"))
+            return _keep(logits, _only([forced[i]], logits.shape[-1]))
 
         return force
 
@@ -250,15 +257,12 @@ class Engine:
         """A logits processor that allows only tokens keeping the output inside `grammar`
         (llguidance computes the allowed set for each step; once the grammar is complete,
         only end-of-sequence is allowed)."""
-        import numpy as np
         from llguidance import LLMatcher
 
-        mx = self.mx
         matcher = LLMatcher(self._lltokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
-        eos = np.zeros(self.vocab_size, dtype=bool)
-        eos[list(self.tokenizer.eos_token_ids)] = True
+        eos = list(self.tokenizer.eos_token_ids)
         step = [0]
 
         def constrain(tokens: Any, logits: Any) -> Any:
@@ -266,8 +270,8 @@ class Engine:
                 matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
             step[0] += 1
             if matcher.is_error():
-                return mx.where(mx.array(_fit(eos, logits.shape[-1])), logits, -float("inf"))
-            return mx.where(_allowed(matcher, logits.shape[-1]), logits, -float("inf"))
+                return _keep(logits, _only(eos, logits.shape[-1]))
+            return _keep(logits, _allowed(matcher, logits.shape[-1]))
 
         return constrain
 
@@ -277,7 +281,6 @@ class Engine:
         end marker. Calls are then always well-formed, so their arguments can stream."""
         from llguidance import LLMatcher
 
-        mx = self.mx
         schema = {
             "anyOf": [
                 {
@@ -301,16 +304,13 @@ class Engine:
         lltok = self._lltokenizer()
         state: dict[str, Any] = {"step": 0, "recent": [], "matcher": None, "ending": []}
 
-        def only(token: int, width: int) -> Any:
-            return mx.arange(width) == token
-
         def constrain(tokens: Any, logits: Any) -> Any:
             width = logits.shape[-1]
             last = int(tokens.reshape(-1)[-1].item()) if state["step"] else None
             state["step"] += 1
             matcher = state["matcher"]
             if state["ending"]:  # writing the end marker, token by token
-                return mx.where(only(state["ending"].pop(0), width), logits, -float("inf"))
+                return _keep(logits, _only([state["ending"].pop(0)], width))
             if matcher is None:
                 if last is not None:
                     state["recent"] = (state["recent"] + [last])[-len(start) :]
@@ -325,8 +325,8 @@ class Engine:
             if matcher.is_stopped():  # the call's JSON is complete: the end marker follows
                 state["matcher"], state["recent"] = None, []
                 state["ending"] = list(end[1:])
-                return mx.where(only(end[0], width), logits, -float("inf"))
-            return mx.where(_allowed(matcher, width), logits, -float("inf"))
+                return _keep(logits, _only([end[0]], width))
+            return _keep(logits, _allowed(matcher, width))
 
         return constrain
 
