@@ -45,6 +45,7 @@ class GenerationRequest:
     reasoning: str | None = None  # "separate" | "inline"; None: the profile's, else separate
     tool_parser: str | None = None  # an mlx-lm tool parser module; None: the tokenizer's
     grammar: str | None = None  # llguidance grammar the output must follow (response_format)
+    tool_grammar: str | None = None  # what a JSON tool call may be, once the model opens one
 
     def with_defaults(
         self, profile: dict[str, Any] | None, default_max_tokens: int | None

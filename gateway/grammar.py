@@ -1,6 +1,7 @@
-"""`response_format` as a grammar: JSON schemas compiled by llguidance (the constrained-decoding
-library llama.cpp, vLLM and SGLang use), here once in the gateway so that a bad schema is a 400
-before it reaches a worker. The worker enforces the grammar token by token (gateway/worker.py)."""
+"""Grammars for constrained decoding, compiled by llguidance (the library llama.cpp, vLLM and
+SGLang use) here in the gateway, once per distinct schema: `response_format` (a bad schema is a
+400 before it reaches a worker) and the shape of a JSON tool call. The worker enforces them token
+by token (gateway/worker.py)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,33 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
 def grammar_for_text(response_format: str) -> str | None:
     """grammar_for, cached by the response_format's JSON (clients resend the same schema)."""
     return grammar_for(json.loads(response_format))
+
+
+def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
+    """`{"name": <one of the tools>, "arguments": <that tool's parameters>}`, in the layout
+    json.dumps and chat templates use: a worker holds a JSON-format tool call to it once the
+    model opens one."""
+    return _tool_call_grammar(json.dumps(tools))  # key order kept: it is the call's order
+
+
+@lru_cache(maxsize=64)
+def _tool_call_grammar(tools_json: str) -> str:
+    from llguidance import LLMatcher
+
+    schema = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t["function"]["name"]},
+                    "arguments": t["function"].get("parameters") or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in json.loads(tools_json)
+        ]
+    }
+    # Free whitespace would let a model pad a call forever.
+    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    return LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from config.settings import parse_duration
 from gateway.generation import GenerationRequest
-from gateway.grammar import grammar_for_text
+from gateway.grammar import grammar_for_text, tool_call_grammar
 
 MAX_CHOICES = 16
 MAX_STOPS = 16
@@ -252,6 +252,7 @@ class ChatCompletionRequest(_Sampling):
                 logprobs=self.logprobs,
                 top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
                 tools=tools,
+                tool_grammar=tool_call_grammar(tools) if tools else None,
                 tool_choice=tool_choice,
                 parallel_tool_calls=self.parallel_tool_calls,
                 reasoning=reasoning,

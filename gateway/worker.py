@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import time
 import traceback
@@ -157,7 +156,7 @@ class Engine:
             if req.get("grammar"):
                 processors.append(self._constrain(req["grammar"]))
             elif channels is not None and channels.json_calls:
-                processors.append(self._call_grammar(req["tools"], channels.markers.tool))
+                processors.append(self._call_grammar(req["tool_grammar"], channels.markers.tool))
             cache, cached = self._cached_prefix(prompt)
             (uid,) = self.gen.insert(
                 [prompt[cached:]],
@@ -275,30 +274,13 @@ class Engine:
 
         return constrain
 
-    def _call_grammar(self, tools: list[dict[str, Any]], markers: Any) -> Callable[..., Any]:
+    def _call_grammar(self, grammar: str, markers: Any) -> Callable[..., Any]:
         """A lazy grammar for JSON tool calls: free text until the model writes the call
-        marker, then only `{"name": <a tool>, "arguments": <that tool's parameters>}` and the
-        end marker. Calls are then always well-formed, so their arguments can stream."""
+        marker, then only what `grammar` allows (gateway/grammar.py: a real tool's name and
+        arguments) and the end marker. Calls are then always well-formed, so their arguments
+        can stream."""
         from llguidance import LLMatcher
 
-        schema = {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {
-                        "name": {"const": t["function"]["name"]},
-                        "arguments": t["function"].get("parameters") or {"type": "object"},
-                    },
-                    "required": ["name", "arguments"],
-                    "additionalProperties": False,
-                }
-                for t in tools
-            ]
-        }
-        # The layout json.dumps and chat templates use; free whitespace would let a model pad
-        # a call forever.
-        layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
         start = self.tokenizer.encode(markers[0], add_special_tokens=False)
         end = self.tokenizer.encode(markers[1], add_special_tokens=False)
         lltok = self._lltokenizer()
