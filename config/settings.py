@@ -63,6 +63,10 @@ class Settings:
     max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
     # KV caches kept per loaded model for reuse by later prompts with the same beginning.
     prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
+    # Observability (gateway/requestlog.py, gateway/logs.py).
+    log_retention: str = "30d,1000000"  # request log rows kept: an age, a row count, or both
+    log_content: bool = False  # also store prompts and completions in the request log
+    log_format: str = "text"  # server log lines: "text" (key=value fields) or "json"
 
     @property
     def db_path(self) -> Path:
@@ -92,6 +96,11 @@ class Settings:
     @property
     def body_limit_bytes(self) -> int:
         return parse_size(self.max_body_bytes, 0)
+
+    @property
+    def request_log_limits(self) -> tuple[float | None, int | None]:
+        """(max age in seconds, max rows) of the request log; (0, 0) when it is off."""
+        return parse_retention(self.log_retention)
 
     def token_file(self) -> Path:
         """Where a running server leaves a key for local clients (the CLI, `mlx-manager mcp`):
@@ -145,12 +154,39 @@ def parse_duration(value: float | int | str | None) -> float | None:
         seconds = float(value)
     else:
         text = value.strip().lower()
-        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
         suffix = next((s for s in scale if text.endswith(s)), "")
         seconds = float(text[: len(text) - len(suffix)]) * scale.get(suffix, 1)
     if not math.isfinite(seconds):
         raise ValueError(f"not a finite duration: {value!r}")
     return seconds
+
+
+def parse_retention(text: str) -> tuple[float | None, int | None]:
+    """ "30d", "100000", "30d,100000" (an age needs its unit; a bare number counts rows), or
+    "0" (keep nothing: the request log is off). Returns (max age in seconds, max rows)."""
+    if str(text).strip() == "0":
+        return 0.0, 0
+    age: float | None = None
+    rows: int | None = None
+    for part in str(text).lower().replace(" ", "").split(","):
+        if not part:
+            continue
+        if part.isdigit():
+            rows = int(part)
+        else:
+            try:
+                age = parse_duration(part)
+            except ValueError:
+                age = None
+            if age is None or age <= 0 or part[-1].isdigit():
+                raise SettingsError(
+                    f"log retention {text!r}: use an age like '30d', a row count like '100000', "
+                    "both ('30d,100000'), or 0 to keep no request log"
+                )
+    if rows == 0 or (age is None and rows is None):
+        raise SettingsError(f"log retention {text!r}: give an age, a row count, or 0")
+    return age, rows
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -187,7 +223,14 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name in ("warm_spare", "insecure_no_auth"):
+    if name == "log_retention":
+        parse_retention(str(value))  # a typo stops startup, not the first request
+        return str(value)
+    if name == "log_format":
+        if str(value).strip().lower() not in ("text", "json"):
+            raise ValueError
+        return str(value).strip().lower()
+    if name in ("warm_spare", "insecure_no_auth", "log_content"):
         if isinstance(value, bool):
             return value
         flag = str(value).strip().lower()

@@ -81,6 +81,41 @@ def add_profile_output_fields(db: sqlite_utils.Database) -> None:
     db["profiles"].add_column("tool_parser", str)  # an mlx-lm tool parser module
 
 
+@migrations()
+def create_request_log(db: sqlite_utils.Database) -> None:
+    db["requests"].create(
+        {
+            "id": int,
+            "request_id": str,  # also sent to the client as x-request-id
+            "time": str,  # when the request arrived, ISO 8601 UTC
+            "endpoint": str,  # /v1/chat/completions, /v1/completions, mcp:chat
+            "model": str,  # the model that served it, else the name the request gave
+            "profile": str,  # the profile (or alias) the request named
+            "key_name": str,  # the API key's name
+            "status": int,  # HTTP status; a stream that failed midway: its error's; gone: 499
+            "error": str,
+            "stream": int,
+            "finish_reason": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cached_tokens": int,
+            "ttft_ms": float,
+            "duration_ms": float,
+            "prompt": str,  # only with MLX_MANAGER_LOG_CONTENT=1
+            "completion": str,
+        },
+        pk="id",
+    )
+    db["requests"].create_index(["time"])
+    db["requests"].create_index(["model", "time"])
+
+
+REQUEST_COLUMNS = (
+    "id, request_id, time, endpoint, model, profile, key_name, status, error, stream, "
+    "finish_reason, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms"
+)
+
+
 class Store:
     """Typed access to the database. Safe to share across threads: each thread gets its own
     connection (sqlite connections must not cross threads)."""
@@ -202,6 +237,99 @@ class Store:
         with self.write() as db:
             db.execute("UPDATE api_keys SET last_used = ? WHERE name = ?", [_now(), name])
 
+    # Request log -----------------------------------------------------------------------------
+
+    def add_requests(self, rows: list[dict[str, Any]]) -> None:
+        """Append request log rows, all in one transaction."""
+        with self.write() as db:
+            db["requests"].insert_all(rows)
+
+    def requests(
+        self,
+        *,
+        model: str | None = None,
+        key_name: str | None = None,
+        endpoint: str | None = None,
+        status: int | None = None,
+        errors: bool = False,
+        since: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+        content: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Request log rows, newest first (oldest first after `after_id`, for following)."""
+        where, args = ["1"], []
+        for clause, value in (
+            ("(model = ? OR profile = ?)", model),
+            ("key_name = ?", key_name),
+            ("endpoint = ?", endpoint),
+            ("status = ?", status),
+            ("time >= ?", since),
+            ("id > ?", after_id),
+        ):
+            if value is not None:
+                where.append(clause)
+                args += [value] * clause.count("?")
+        if errors:
+            where.append("status >= 400")
+        order = "id" if after_id is not None else "id DESC"
+        columns = REQUEST_COLUMNS + (", prompt, completion" if content else "")
+        sql = f"SELECT {columns} FROM requests WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+        rows = [dict(r) for r in self._rows(sql, [*args, limit])]
+        for r in rows:
+            r["stream"] = bool(r["stream"])
+        return rows
+
+    def usage(self, since: str | None, by: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Totals over the request log since `since`, grouped by `by` (model, key_name)."""
+        group = ", ".join(by)
+        select = f"{group}, " if by else ""
+        sql = f"""
+            SELECT {select}
+                count(*) AS requests,
+                sum(status >= 400 AND status != 499) AS errors,
+                sum(status = 499) AS cancelled,
+                coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                coalesce(sum(cached_tokens), 0) AS cached_tokens,
+                round(avg(ttft_ms), 1) AS avg_ttft_ms,
+                round(max(ttft_ms), 1) AS max_ttft_ms,
+                round(avg(duration_ms), 1) AS avg_duration_ms,
+                sum(CASE WHEN completion_tokens > 1 AND duration_ms > ttft_ms
+                    THEN completion_tokens - 1 END) AS decoded_tokens,
+                sum(CASE WHEN completion_tokens > 1 AND duration_ms > ttft_ms
+                    THEN duration_ms - ttft_ms END) AS decode_ms
+            FROM requests WHERE time >= ?
+            {"GROUP BY " + group + " ORDER BY requests DESC" if by else ""}
+        """
+        rows = []
+        for r in self._rows(sql, [since or ""]):
+            r = dict(r)
+            decoded, ms = r.pop("decoded_tokens"), r.pop("decode_ms")
+            r["tokens_per_second"] = round(decoded / (ms / 1000), 1) if decoded and ms else None
+            rows.append(r)
+        return rows
+
+    def prune_requests(self, before: str | None, keep_rows: int | None) -> int:
+        """Delete request log rows older than `before` and beyond the newest `keep_rows`."""
+        deleted = 0
+        with self.write() as db:
+            if before is not None:
+                deleted += db.execute("DELETE FROM requests WHERE time < ?", [before]).rowcount
+            if keep_rows is not None:
+                # Ids only grow: the newest keep_rows rows are those above max(id) - keep_rows.
+                deleted += db.execute(
+                    "DELETE FROM requests WHERE id <= (SELECT max(id) FROM requests) - ?",
+                    [keep_rows],
+                ).rowcount
+        return deleted
+
+    def _rows(self, sql: str, args: list[Any]) -> Iterator[dict[str, Any]]:
+        cur = self.db.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        for row in cur:
+            yield dict(zip(names, row, strict=True))
+
 
 def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
@@ -212,3 +340,9 @@ def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def timestamp(seconds: float) -> str:
+    """The request log's time format: ISO 8601 UTC with milliseconds, so that text order is
+    time order."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -18,10 +19,11 @@ from starlette.routing import Route
 
 from config.settings import Settings, load_settings
 from gateway import openai_api
-from gateway.errors import ServiceError
+from gateway.errors import InvalidRequest, ServiceError
 from gateway.keys import write_token_file
 from gateway.manager import Manager
-from gateway.middleware import AuthMiddleware, BodyLimitMiddleware
+from gateway.metrics import CONTENT_TYPE
+from gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RecordMiddleware
 from gateway.openai_api import json_object, parse_body
 from gateway.openapi import openapi_document
 from gateway.schemas import LoadBody, UnloadBody
@@ -101,8 +103,65 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
+async def metrics(request: Request) -> Response:
+    manager: Manager = request.app.state.manager
+    return Response(manager.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def _int(request: Request, name: str, default: int | None = None) -> int | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a whole number, not {value!r}.", param=name) from None
+
+
+async def requests_log(request: Request) -> Response:
+    """GET /admin/requests?model=&key=&status=&errors=1&since=1h&limit=50&after_id="""
+    q = request.query_params
+    rows = await asyncio.to_thread(
+        request.app.state.manager.requests_log,
+        model=q.get("model") or None,
+        key=q.get("key") or None,
+        status=_int(request, "status"),
+        errors_only=q.get("errors", "").lower() in ("1", "true", "yes"),
+        since=q.get("since") or None,
+        limit=_int(request, "limit", 50) or 50,
+        after_id=_int(request, "after_id"),
+        endpoint=q.get("endpoint") or None,
+    )
+    return JSONResponse({"data": rows})
+
+
+async def usage(request: Request) -> Response:
+    """GET /admin/usage?since=24h&by=model|key|model,key|total"""
+    q = request.query_params
+    stats = await asyncio.to_thread(
+        request.app.state.manager.usage_stats, q.get("since") or "24h", q.get("by") or "model"
+    )
+    return JSONResponse(stats)
+
+
+async def worker_logs(request: Request) -> Response:
+    """GET /admin/logs/{model}?lines=100: a model's worker log."""
+    manager: Manager = request.app.state.manager
+    lines = _int(request, "lines", 100) or 100
+    return JSONResponse(
+        await asyncio.to_thread(manager.worker_logs, request.path_params["model"], lines)
+    )
+
+
+def _note_error(request: Request, message: str) -> None:
+    record = getattr(request.state, "record", None)
+    if record is not None:
+        record.error = message
+
+
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    _note_error(request, exc.message)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
@@ -114,6 +173,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         if exc.status_code == 404
         else f"{exc.detail} ({request.method} {request.url.path})."
     )
+    _note_error(request, message)
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
@@ -175,6 +235,7 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
     routes = [
         Route("/health", health),
         Route("/openapi.json", openapi),
+        Route("/metrics", metrics),
         Route("/v1/models", openai_api.list_models),
         Route("/v1/models/{model_id:path}", openai_api.get_model),
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
@@ -187,12 +248,17 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
         Route("/admin/downloads/{id}", download, methods=["GET", "DELETE"]),
         Route("/admin/profiles", profiles, methods=["GET", "POST"]),
         Route("/admin/profiles/{name:path}", profile, methods=["GET", "PATCH", "DELETE"]),
+        Route("/admin/requests", requests_log),
+        Route("/admin/usage", usage),
+        Route("/admin/logs/{model:path}", worker_logs),
         # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
         # still gets this app's own OpenAI-shaped 404.
         *mcp_app.routes,
     ]
     middleware = [
-        # Outermost first: a request without a valid key learns nothing else.
+        # Outermost first: every request gets an id and a log line, even one refused for its
+        # key; then a request without a valid key learns nothing else.
+        Middleware(RecordMiddleware, finish=manager.finish_request),
         Middleware(AuthMiddleware, keys=manager.keys, limit=settings.max_concurrent_per_key),
         Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
     ]

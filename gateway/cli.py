@@ -6,15 +6,17 @@ import argparse
 import asyncio
 import json
 import logging
-import logging.handlers
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from config.settings import Settings, SettingsError, load_settings
 from gateway.errors import ServiceError
 from gateway.hub import scan_local_models
 from gateway.keys import check_bind
+from gateway.logs import setup_logging
 from gateway.manager import Manager, RemoteManager, running_server
 
 DEMO_MODEL = "demo-random"
@@ -36,19 +38,6 @@ def ensure_demo_model(settings: Settings) -> str | None:
     )
     build_model(path)
     return DEMO_MODEL
-
-
-def setup_logging(settings: Settings) -> None:
-    """Log to the terminal and to MLX_MANAGER_HOME/logs/mlx-manager.log (rotated)."""
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    file = logging.handlers.RotatingFileHandler(
-        settings.logs_dir / "mlx-manager.log", maxBytes=10_000_000, backupCount=3
-    )
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.StreamHandler(), file],
-    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -85,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        access_log=False,  # our own line per request has its id, model, tokens and timing
         # Longer than clients keep idle connections (httpx, and so the OpenAI SDK: 5 s), so
         # the server never closes one just as a client reuses it (a spurious ReadError).
         timeout_keep_alive=65,
@@ -121,7 +111,9 @@ def _run(args: argparse.Namespace, work: Callable[[Manager], Awaitable[Any]]) ->
     except ServiceError as e:
         print(f"mlx-manager: {e.message}", file=sys.stderr)
         return 1
-    if result is not None:
+    if isinstance(result, str):
+        print(result)
+    elif result is not None:
         print(json.dumps(result, indent=2) if args.json else _table(result))
     return 0
 
@@ -136,8 +128,10 @@ def _table(result: Any) -> str:
     columns = list(rows[0])
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -176,29 +170,198 @@ def cmd_models(args: argparse.Namespace) -> int:
     return _run(args, lambda m: m.list_models())
 
 
-def cmd_ps(args: argparse.Namespace) -> int:
-    columns = (
-        "model",
-        "state",
-        "pid",
-        "memory_bytes",
-        "uptime_seconds",
-        "idle_seconds",
-        "ttl_remaining_seconds",
-        "in_flight",
-        "queued",
-        "requests_served",
-    )
+PS_COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    # field: (heading, how a person reads it)
+    "model": ("MODEL", str),
+    "state": ("STATE", str),
+    "pid": ("PID", lambda v: _cell(v)),
+    "memory_bytes": ("MEMORY", lambda v: _bytes(v)),
+    "uptime_seconds": ("UPTIME", lambda v: _duration(v)),
+    "idle_seconds": ("IDLE", lambda v: _duration(v)),
+    "ttl_remaining_seconds": ("TTL LEFT", lambda v: _duration(v)),
+    "queued": ("QUEUE", lambda v: _cell(v)),
+    "in_flight": ("RUNNING", lambda v: _cell(v)),
+    "requests_served": ("SERVED", lambda v: _cell(v)),
+    "tokens_per_second": ("TOK/S", lambda v: f"{v:.1f}" if v else "0"),
+}
 
-    async def ps(manager: Manager) -> list[dict[str, Any]]:
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """Loaded models on the running server; --watch redraws every --interval seconds."""
+
+    async def ps(manager: Manager) -> Any:
         if not isinstance(manager, RemoteManager):
             raise ServiceError(
                 "No mlx-manager server is running here; start one with `mlx-manager serve`."
             )
-        rows = await manager.list_loaded()
-        return rows if args.json else [{c: r.get(c) for c in columns} for r in rows]
+        while True:
+            rows = await manager.list_loaded()
+            if not args.watch:
+                return rows if args.json else _ps_table(rows, await manager.memory())
+            if args.json:
+                print(json.dumps(rows), flush=True)
+            else:
+                screen = _ps_table(rows, await manager.memory())
+                clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+                stamp = time.strftime("%H:%M:%S")
+                print(f"{clear}{stamp}  every {args.interval:g}s, Ctrl-C to stop", flush=True)
+                print(screen, flush=True)
+            await asyncio.sleep(args.interval)
 
-    return _run(args, ps)
+    return _interruptible(lambda: _run(args, ps))
+
+
+def _ps_table(rows: list[dict[str, Any]], memory: dict[str, int]) -> str:
+    used = f"memory {_bytes(memory['used_bytes'])} of {_bytes(memory['budget_bytes'])} budget"
+    if not rows:
+        return f"no models loaded; {used}"
+    table = [
+        {heading: show(r.get(field)) for field, (heading, show) in PS_COLUMNS.items()} for r in rows
+    ]
+    return _table(table) + f"\n{used}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _duration(seconds: float | None) -> str:
+    """45s, 3m20s, 2h05m, 3d4h: as `ps` and `docker ps` show ages."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def _interruptible(run: Callable[[], int]) -> int:
+    """Ctrl-C is how --watch and --follow end: a normal exit, not a traceback."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        return 0
+
+
+REQUEST_COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "time": ("TIME", lambda v: v.replace("T", " ")[:19]),
+    "request_id": ("ID", str),
+    "endpoint": ("ENDPOINT", lambda v: v.removeprefix("/v1/")),
+    "model": ("MODEL", lambda v: _cell(v)),
+    "profile": ("PROFILE", lambda v: _cell(v)),
+    "key_name": ("KEY", lambda v: _cell(v)),
+    "status": ("STATUS", lambda v: _cell(v)),
+    "prompt_tokens": ("PROMPT", lambda v: _cell(v)),
+    "completion_tokens": ("OUTPUT", lambda v: _cell(v)),
+    "cached_tokens": ("CACHED", lambda v: _cell(v)),
+    "ttft_ms": ("TTFT", lambda v: "-" if v is None else f"{v:.0f}ms"),
+    "duration_ms": ("TIME TAKEN", lambda v: "-" if v is None else f"{v / 1000:.2f}s"),
+    "error": ("ERROR", lambda v: "" if v is None else v if len(v) <= 60 else v[:57] + "..."),
+}
+
+
+def _request_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {heading: show(r.get(field)) for field, (heading, show) in REQUEST_COLUMNS.items()}
+        for r in rows
+    ]
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The request log (filters, --follow); with --model, that model's worker log (or, with
+    --requests too, its requests)."""
+    if args.model and not args.requests:
+        return _interruptible(lambda: _run(args, _worker_log(args)))
+    filters = {
+        "model": args.model,
+        "key": args.key,
+        "status": args.status,
+        "errors_only": args.errors,
+        "since": args.since,
+    }
+
+    async def requests(manager: Manager) -> Any:
+        rows = list(reversed(manager.requests_log(**filters, limit=args.limit)))
+        if not args.follow:
+            return rows if args.json else _table(_request_rows(rows)) if rows else "(none)"
+        last = _print_requests(rows, args.json, header=True, last=0)
+        while True:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            rows = manager.requests_log(**filters, after_id=last, limit=1000)
+            last = _print_requests(rows, args.json, header=False, last=last)
+
+    return _interruptible(lambda: _run(args, requests))
+
+
+FOLLOW_SECONDS = 0.5
+
+
+# Column widths of `logs --follow`, which prints rows as they come and cannot measure them.
+FOLLOW_WIDTHS = (19, 28, 16, 24, 12, 10, 6, 6, 6, 6, 7, 10, 0)
+
+
+def _print_requests(rows: list[dict[str, Any]], as_json: bool, header: bool, last: int) -> int:
+    """Print rows as they come (a fixed-width line each, or JSON lines); the last id seen."""
+
+    def line(cells: Any) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, FOLLOW_WIDTHS, strict=True)).rstrip()
+
+    if header and not as_json:
+        print(line(h for h, _ in REQUEST_COLUMNS.values()), flush=True)
+    for raw, row in zip(rows, _request_rows(rows), strict=True):
+        print(json.dumps(raw) if as_json else line(row.values()), flush=True)
+    return max([last, *(r["id"] for r in rows)])
+
+
+def _worker_log(args: argparse.Namespace) -> Callable[[Manager], Awaitable[Any]]:
+    async def show(manager: Manager) -> Any:
+        found = manager.worker_logs(args.model, args.limit)
+        if args.json and not args.follow:
+            return found
+        for line in found["lines"]:
+            print(line, flush=True)
+        if not args.follow:
+            return None
+        path = Path(found["file"])
+        position = path.stat().st_size if path.exists() else 0
+        while True:  # tail -F: the file may be rotated or created meanwhile
+            await asyncio.sleep(FOLLOW_SECONDS)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size < position:
+                position = 0  # rotated: a new file
+            if size > position:
+                with path.open(errors="replace") as f:
+                    f.seek(position)
+                    print(f.read(), end="", flush=True)
+                    position = f.tell()
+
+    return show
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Usage from the request log over a window, per model, per key or both."""
+
+    async def usage(manager: Manager) -> Any:
+        stats = manager.usage_stats(args.since, args.by)
+        if args.json:
+            return stats
+        groups = {"model": ["model"], "key": ["key_name"], "model,key": ["model", "key_name"]}
+        total = {**dict.fromkeys(groups.get(args.by, []), "(all)"), **stats["total"]}
+        return f"since {stats['since']}\n" + _table([*stats["rows"], total])
+
+    return _run(args, usage)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -321,6 +484,13 @@ async def _async(value: Any) -> Any:
     return value
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-manager", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,7 +527,31 @@ def main(argv: list[str] | None = None) -> int:
     models = client("models", "list local models, or inspect one")
     models.add_argument("name", nargs="?", help="a model to inspect")
     models.set_defaults(func=cmd_models)
-    client("ps", "loaded models on the running server").set_defaults(func=cmd_ps)
+    ps = client("ps", "loaded models on the running server")
+    ps.add_argument("--watch", "-w", action="store_true", help="redraw until Ctrl-C")
+    ps.add_argument("--interval", type=_positive, default=2.0, help="seconds between redraws")
+    ps.set_defaults(func=cmd_ps)
+    logs = client(
+        "logs",
+        "the request log; with --model, that model's worker log (--requests: its requests)",
+    )
+    logs.add_argument("--model", help="a model or profile: its worker log (load, errors, crash)")
+    logs.add_argument(
+        "--requests", action="store_true", help="with --model: its requests, not its worker log"
+    )
+    logs.add_argument("--key", help="only requests made with this API key (its name)")
+    logs.add_argument("--status", type=int, help="only requests with this status (499: gone)")
+    logs.add_argument("--errors", action="store_true", help="only failed requests")
+    logs.add_argument("--since", help="only requests since: '1h', '7d' or an ISO time")
+    logs.add_argument(
+        "-n", "--limit", type=int, default=50, help="rows (or worker log lines) to show"
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    logs.set_defaults(func=cmd_logs)
+    usage = client("usage", "usage from the request log, per model or API key")
+    usage.add_argument("--since", default="24h", help="window: '1h', '7d' or an ISO time")
+    usage.add_argument("--by", choices=["model", "key", "model,key", "total"], default="model")
+    usage.set_defaults(func=cmd_usage)
     load = client("load", "load a model on the running server")
     load.add_argument("name")
     load.set_defaults(func=cmd_load)

@@ -9,10 +9,13 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+from gateway import logs
 from gateway.errors import ModelUnavailable
 from gateway.hub import LocalModel
 
@@ -71,6 +74,9 @@ class WorkerHandle:
         self.info: dict[str, Any] = {}
         self.worker_active = 0  # sequences the worker itself reports running
         self.generated_tokens = 0
+        self.tokens_per_second = 0.0  # decode throughput over the last second or so
+        self._rate_mark: tuple[float, int] | None = None  # (when, generated_tokens) measured from
+        self.log_file = Path(options["log_file"]) if options.get("log_file") else None
         self.error: str | None = None
         self._sinks: dict[str, Sink] = {}
         self._ready: asyncio.Future[None] | None = None
@@ -91,6 +97,9 @@ class WorkerHandle:
         (ModelUnavailable if it fails)."""
         process = process if process is not None and process.alive else WorkerProcess()
         self._proc, self._conn = process.popen, process.conn
+        if self.log_file is not None:
+            logs.rotate(self.log_file)
+            self._log(f"starting worker pid {self.pid} for {self.model.path}")
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         self._conn.send(("load", str(self.model.path), self.options))
@@ -136,6 +145,7 @@ class WorkerHandle:
             for ev in msg:
                 tag = ev[0]
                 if tag == "a":
+                    self._measure_rate(ev[1], ev[2])
                     self.worker_active, self.generated_tokens = ev[1], ev[2]
                     self.info["memory_bytes"] = ev[3]
                     continue
@@ -154,7 +164,8 @@ class WorkerHandle:
             if self._ready and not self._ready.done():
                 self._ready.set_result(None)
         elif msg[0] == "load_error":
-            log.error("worker for %s failed to load: %s\n%s", self.model.id, msg[1], msg[2])
+            where = f" (traceback in {self.log_file})" if self.log_file else f"\n{msg[2]}"
+            log.error("worker for %s failed to load: %s%s", self.model.id, msg[1], where)
             self._fail(f"failed to load: {msg[1]}")
 
     def _on_exit(self) -> None:
@@ -165,15 +176,35 @@ class WorkerHandle:
             except subprocess.TimeoutExpired:
                 pass
         if self.state in ("loading", "ready"):
-            self._fail(f"the worker process exited unexpectedly (exit code {code})")
+            self._fail(f"the worker process exited unexpectedly ({logs.exit_description(code)})")
         else:
             self._close_pipe()
+
+    def _measure_rate(self, active: int, generated: int) -> None:
+        """Tokens per second from the worker's reports (at least twice a second while it
+        generates), measured over windows of a second or more; 0 while it is idle."""
+        now = time.monotonic()
+        if not active:
+            self.tokens_per_second, self._rate_mark = 0.0, None
+            return
+        mark = self._rate_mark
+        if mark is None or not self.worker_active:
+            self._rate_mark = (now, generated)
+        elif now - mark[0] >= 1.0:
+            self.tokens_per_second = (generated - mark[1]) / (now - mark[0])
+            self._rate_mark = (now, generated)
+
+    def _log(self, message: str) -> None:
+        """A line in the model's worker log: what only the gateway sees."""
+        if self.log_file is not None:
+            logs.append(self.log_file, message)
 
     def _fail(self, reason: str) -> None:
         """The worker is gone or unusable: fail everything waiting on it, exactly once."""
         if self.state in ("failed", "stopped"):
             return
         log.warning("worker for %s: %s", self.model.id, reason)
+        self._log(f"worker pid {self.pid} failed: {reason}")
         self.state, self.error = "failed", reason
         message = f"Model '{self.model.id}' is unavailable: {reason}. Retry the request."
         if self._ready and not self._ready.done():
@@ -200,6 +231,8 @@ class WorkerHandle:
         if self.state == "stopped":
             return
         was_failed = self.state == "failed"
+        if not was_failed:
+            self._log(f"stopping worker pid {self.pid}: {reason}")
         self.state = "stopped"
         sinks, self._sinks = self._sinks, {}
         for rid, sink in sinks.items():

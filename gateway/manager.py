@@ -9,30 +9,38 @@ that a stdio MCP client or the CLI sees and controls the same workers as everyon
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import platform
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import httpx
 import psutil
 
-from config.settings import Settings
-from config.store import Store
-from gateway import errors
+from config.settings import Settings, parse_duration
+from config.store import Store, timestamp
+from gateway import errors, logs
 from gateway.catalog import Catalog
 from gateway.downloads import DownloadProgress, Downloads, delete_from_cache, search
 from gateway.generation import GenerationRequest
 from gateway.hub import inspect_model
 from gateway.keys import ApiKeys, client_key
+from gateway.metrics import Metrics
 from gateway.pool import ModelPool
 from gateway.profiles import Profiles
+from gateway.requestlog import GENERATION_ENDPOINTS, RequestLog, RequestRecord, content_of
 
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
 PROGRESS_INTERVAL = 0.5
+# Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+USAGE_GROUPS = {"model": ("model",), "key": ("key_name",), "model,key": ("model", "key_name")}
+access_log = logging.getLogger(logs.ACCESS)
 
 
 class Manager:
@@ -42,7 +50,9 @@ class Manager:
         self.store = Store(settings.db_path)
         self.catalog = Catalog(settings, self.store)
         self.profiles = Profiles(self.catalog)
-        self.pool = ModelPool(settings, self.catalog)
+        self.metrics = Metrics()
+        self.pool = ModelPool(settings, self.catalog, self.metrics)
+        self.request_log = RequestLog(settings, self.store)
         self.downloads = Downloads(settings, self.store)
         self.keys = ApiKeys(self.store, settings)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -57,11 +67,13 @@ class Manager:
         ]
         self._background(self.pool.preload(pinned))
         self._background(self.downloads.resume_unfinished())
+        self._background(asyncio.to_thread(self.request_log.prune))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await self.pool.close()
+        await asyncio.to_thread(self.request_log.close)
 
     def _background(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -197,6 +209,85 @@ class Manager:
     def revoke_key(self, name: str) -> dict[str, Any]:
         return self.keys.revoke(name)
 
+    # Requests: what was asked, and how it went ----------------------------------------------
+
+    def finish_request(self, record: RequestRecord) -> None:
+        """A request is over: one line in the server log; for generation requests also a row
+        in the request log and the metrics."""
+        quiet = record.endpoint in QUIET_PATHS and (record.status or 0) < 400
+        level = logging.DEBUG if quiet else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "request", extra={"fields": record.fields()})
+        if record.endpoint in GENERATION_ENDPOINTS:
+            self.metrics.request(record)
+            self.request_log.add(record)
+
+    def requests_log(
+        self,
+        model: str | None = None,
+        key: str | None = None,
+        status: int | None = None,
+        errors_only: bool = False,
+        since: str | None = None,
+        limit: int = 50,
+        after_id: int | None = None,
+        endpoint: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Request log rows, newest first (after `after_id`: oldest first, for following).
+        `model` matches the model or the profile a request named."""
+        if not 1 <= limit <= 10_000:
+            raise errors.InvalidRequest("limit must be from 1 to 10000.", param="limit")
+        self.request_log.flush()
+        return self.store.requests(
+            model=model,
+            key_name=key,
+            endpoint=endpoint,
+            status=status,
+            errors=errors_only,
+            since=_since(since),
+            after_id=after_id,
+            limit=limit,
+            content=self.settings.log_content,
+        )
+
+    def usage_stats(self, since: str | None = "24h", by: str = "model") -> dict[str, Any]:
+        """Requests, errors, tokens, latency and decode speed from the request log, per model,
+        per API key or both, over a window (`since`: "1h", "7d", or an ISO time)."""
+        if by not in USAGE_GROUPS and by != "total":
+            raise errors.InvalidRequest(
+                f"by must be one of {', '.join([*USAGE_GROUPS, 'total'])}, not {by!r}.",
+                param="by",
+            )
+        self.request_log.flush()
+        start = _since(since or "24h")
+        rows = self.store.usage(start, USAGE_GROUPS.get(by, ()))
+        (total,) = self.store.usage(start, ())
+        return {
+            "since": start,
+            "until": timestamp(time.time()),
+            "by": by,
+            "rows": rows if by != "total" else [],
+            "total": total,
+        }
+
+    def worker_logs(self, name: str, lines: int = 100) -> dict[str, Any]:
+        """The end of a model's worker log: its loads, errors, and the traceback of a crash.
+        Kept across restarts and unloads, so a model that is gone can still be looked at."""
+        if not 1 <= lines <= 10_000:
+            raise errors.InvalidRequest("lines must be from 1 to 10000.", param="lines")
+        try:
+            model_id = self.pool.resolve(name).model.id
+        except errors.ModelNotFound:
+            model_id = name  # deleted since, but its log may remain
+        path = logs.worker_log_path(self.settings.logs_dir, model_id)
+        if not any(path.parent.glob(path.name + "*")):
+            raise errors.NotFound(
+                f"No worker log for '{name}': it has not been loaded on this server "
+                f"(logs live in {path.parent}).",
+                param="model",
+            )
+        return {"model": model_id, "file": str(path), "lines": logs.tail(path, lines)}
+
     # Workers --------------------------------------------------------------------------------
 
     async def list_loaded(self) -> list[dict[str, Any]]:
@@ -214,13 +305,33 @@ class Manager:
         messages: list[dict[str, Any]],
         temperature: float | None = None,
         max_tokens: int | None = None,
+        key_name: str | None = None,
     ) -> dict[str, Any]:
-        _check_messages(messages)
-        request = GenerationRequest(
-            kind="chat", messages=messages, temperature=temperature, max_tokens=max_tokens
-        )
-        gen = await self.pool.generate(name, [request])
-        (choice,) = await gen.collect()
+        """One chat turn (MCP's `chat`), logged like a /v1 request as endpoint `mcp:chat`."""
+        record = RequestRecord("mcp:chat", key_name=key_name, model=name)
+        complete = False
+        try:
+            _check_messages(messages)
+            request = GenerationRequest(
+                kind="chat", messages=messages, temperature=temperature, max_tokens=max_tokens
+            )
+            resolved = self.pool.resolve(name)
+            record.resolved(resolved)
+            if self.settings.log_content:
+                record.prompt = content_of(messages)
+            gen = await self.pool.generate(resolved, [request])
+            try:
+                (choice,) = await gen.collect()
+            finally:
+                record.generated(gen)
+            record.completion = choice.text if self.settings.log_content else None
+            complete = True
+        except errors.ServiceError as e:
+            record.failed(e.status, e.message)
+            raise
+        finally:
+            record.end(200, complete)
+            self.finish_request(record)
         prompt = gen.prompt_tokens[0]
         return {
             "model": name,
@@ -325,7 +436,9 @@ class RemoteManager(Manager):
         messages: list[dict[str, Any]],
         temperature: float | None = None,
         max_tokens: int | None = None,
+        key_name: str | None = None,
     ) -> dict[str, Any]:
+        """Through the server's /v1, which logs it (under the local key's name)."""
         _check_messages(messages)
         body: dict[str, Any] = {"model": name, "messages": messages}
         if temperature is not None:
@@ -340,6 +453,30 @@ class RemoteManager(Manager):
             "finish_reason": choice["finish_reason"],
             "usage": r["usage"],
         }
+
+
+def _since(text: str | None) -> str | None:
+    """A window's start in the request log's time format, from "90m", "24h", "7d" or an
+    ISO 8601 time."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = None
+    if seconds is not None and seconds >= 0:
+        return timestamp(time.time() - seconds)
+    try:
+        when = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.InvalidRequest(
+            f"since {text!r}: give a duration back from now ('90m', '24h', '7d') or an ISO "
+            "8601 time ('2026-11-29T06:00:00Z').",
+            param="since",
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without a zone is local time
+    return timestamp(when.timestamp())
 
 
 def _check_messages(messages: list[dict[str, Any]]) -> None:

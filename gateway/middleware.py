@@ -1,18 +1,22 @@
-"""ASGI middleware: API-key authentication with a per-key concurrency limit, and the request
-body size cap. Plain ASGI rather than BaseHTTPMiddleware, which would buffer and slow streams."""
+"""ASGI middleware: a record of each request (its id, timing and outcome), API-key
+authentication with a per-key concurrency limit, and the request body size cap. Plain ASGI
+rather than BaseHTTPMiddleware, which would buffer and slow streams."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
+from collections.abc import Callable
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ConcurrencyLimit, PayloadTooLarge, ServiceError, Unauthorized
 from gateway.keys import ApiKeys
+from gateway.requestlog import RequestRecord, new_request_id
 
 log = logging.getLogger("mlx_manager")
 
@@ -21,7 +25,59 @@ OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
+# A request id a client may choose itself (to find its request in the logs).
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RecordMiddleware:
+    """Outermost: gives each HTTP request a RequestRecord in its scope (the id, sent back as
+    `x-request-id`; a sane id the client sent is kept), notes its status and when its last byte
+    went out, and hands the finished record to `finish` (log line, request log, metrics)."""
+
+    def __init__(self, app: ASGIApp, finish: Callable[[RequestRecord], None]) -> None:
+        self.app = app
+        self.finish = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        asked = Headers(scope=scope).get("x-request-id", "")
+        record = RequestRecord(
+            scope["path"],
+            method=scope["method"],
+            request_id=asked if CLIENT_REQUEST_ID.fullmatch(asked) else new_request_id(),
+        )
+        state = scope.setdefault("state", {})
+        state["record"] = record
+        status: int | None = None
+        complete = False
+
+        async def send_recorded(message: Message) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = record.request_id
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recorded)
+        except Exception as e:  # Starlette answers 500 outside this middleware
+            if not complete and record.status is None:
+                record.failed(500, f"Internal error: {type(e).__name__}: {e}")
+            raise
+        finally:
+            record.key_name = state.get("api_key")
+            record.end(status, complete)
+            self.finish(record)
+
+
 async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    record = scope.get("state", {}).get("record")
+    if record is not None:
+        record.error = exc.message
     response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
     await response(scope, receive, send)
 

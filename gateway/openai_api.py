@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.generation import Choice
 from gateway.pool import Generation, ModelPool
+from gateway.requestlog import RequestRecord, content_of
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 B = TypeVar("B", bound=BaseModel)
@@ -28,6 +29,12 @@ SSE_PING_SECONDS = 15
 
 def _pool(request: Request) -> ModelPool:
     return request.app.state.pool
+
+
+def _record(request: Request) -> RequestRecord:
+    """The request's record (gateway/middleware.py), or a detached one outside the app."""
+    record = getattr(request.state, "record", None)
+    return record if record is not None else RequestRecord(request.url.path)
 
 
 async def json_object(request: Request) -> dict[str, Any]:
@@ -297,19 +304,31 @@ class _Endpoint:
         ]
 
     async def handle(self, request: Request) -> Response:
+        record = _record(request)
         body = await parse_body(request, self.schema)
+        record.model, record.stream = body.model, bool(body.stream)
         pool = _pool(request)
+        resolved = pool.resolve(body.model)
+        record.resolved(resolved)
+        keep_text = request.app.state.settings.log_content
+        if keep_text:
+            asked = body.prompt if not self.chat else body.model_dump(exclude_none=True)["messages"]
+            record.prompt = content_of(asked)
         meta = _Meta(self.prefix, body.model)
-        work = pool.generate(body.model, body.generation_requests(), body.keep_alive_seconds)
+        work = pool.generate(resolved, body.generation_requests(), body.keep_alive_seconds)
         try:
             if body.stream:
                 gen = await _unless_disconnected(request, work)
                 return EventSourceResponse(
-                    self._stream(gen, meta, body), ping=SSE_PING_SECONDS, sep="\n"
+                    self._stream(gen, meta, body, record, keep_text),
+                    ping=SSE_PING_SECONDS,
+                    sep="\n",
                 )
-            gen, choices = await _unless_disconnected(request, _collect(work))
+            gen, choices = await _unless_disconnected(request, _collect(work, record, body.n))
         except ClientDisconnected:
             return Response(status_code=499)
+        if keep_text:
+            record.completion = _texts([c.text for c in choices])
         return JSONResponse(
             {
                 **meta.head(self.obj),
@@ -318,10 +337,13 @@ class _Endpoint:
             }
         )
 
-    async def _stream(self, gen: Generation, meta: _Meta, body: Any) -> AsyncIterator[str]:
+    async def _stream(
+        self, gen: Generation, meta: _Meta, body: Any, record: RequestRecord, keep_text: bool
+    ) -> AsyncIterator[str]:
         pre, post = meta.chunk_frame(self.chunk_obj, body.include_usage)
         render = self.chunk_renderer(len(gen.requests))
         tokens = 0
+        texts: list[list[str]] = [[] for _ in gen.requests]  # only with log_content
         try:
             for first in self.first_chunks(len(gen.requests)):
                 yield pre + first + post
@@ -333,20 +355,36 @@ class _Endpoint:
                     continue
                 if ev[0] == "f":
                     tokens += ev[3]
+                elif keep_text and ev[0] == "d":
+                    texts[ev[1]].append(ev[2])
                 yield pre + render(ev) + post
             if body.include_usage:
                 usage = _usage(gen, body.n, tokens)
                 yield json.dumps({**meta.head(self.chunk_obj), "choices": [], "usage": usage})
             yield "[DONE]"
         except ServiceError as e:  # the stream has started: the error becomes its last event
+            record.failed(e.status, e.message)
             yield json.dumps(e.body())
         finally:
             gen.close()
+            record.generated(gen, body.n)
+            if keep_text:
+                record.completion = _texts(["".join(t) for t in texts])
 
 
-async def _collect(work: Awaitable[Generation]) -> tuple[Generation, list[Choice]]:
+async def _collect(
+    work: Awaitable[Generation], record: RequestRecord, n: int
+) -> tuple[Generation, list[Choice]]:
     gen = await work
-    return gen, await gen.collect()
+    try:
+        return gen, await gen.collect()
+    finally:
+        record.generated(gen, n)
+
+
+def _texts(texts: list[str]) -> str:
+    """What the request log keeps of the output: the text, or a JSON list for n > 1."""
+    return texts[0] if len(texts) == 1 else content_of(texts)
 
 
 class _Meta:

@@ -35,11 +35,17 @@ from gateway.catalog import Catalog, Resolved
 from gateway.generation import Choice, GenerationRequest
 from gateway.handle import WorkerHandle, WorkerProcess
 from gateway.hub import LocalModel
+from gateway.logs import worker_log_path
+from gateway.metrics import Metrics
 
 log = logging.getLogger("mlx_manager.pool")
 
 # Idle TTLs beyond a year mean "keep it loaded": event-loop timers cannot hold any float.
 FOREVER = 365 * 86400.0
+# Why a worker is stopped (its log and the metrics tell evictions from the rest).
+EVICTED = "evicted to make room"
+DRAINED = "drained"
+IDLE = "idle for"
 
 
 class MemoryEstimate:
@@ -83,6 +89,7 @@ class Slot:
     pinned: bool = False
     ttl: float | None = None  # profile TTL; None: the pool's default
     keep_alive: float | None = None  # the last request's keep_alive, if it gave one
+    drain_reason: str = DRAINED  # why it stops once its running requests end
     measured: int | None = None  # memory the worker reported last time it was loaded
     last_used: float = field(default_factory=time.time)
     loaded_at: float | None = None
@@ -140,6 +147,10 @@ class Generation:
         self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.prompt_tokens = [0] * len(requests)
         self.cached_tokens = [0] * len(requests)  # of prompt_tokens, reused from the cache
+        self.finish_reasons: list[str | None] = [None] * len(requests)
+        self.first_token: float | None = None  # perf_counter when the first token arrived
+        self._finished_tokens = 0  # completion tokens of finished choices (their "f" events)
+        self._token_events = [0] * len(requests)  # token events seen, per choice
         self._index: dict[str, int] = {}
         self._early: list[tuple[Any, ...]] = []
         self._open: set[str] = set()
@@ -164,6 +175,8 @@ class Generation:
                     raise _error(ev)
                 else:
                     self._early.append(ev)
+                    if self.first_token is None:
+                        self.first_token = time.perf_counter()
         except BaseException:
             self.close()
             raise
@@ -182,9 +195,25 @@ class Generation:
         self.close()
 
     def _translate(self, ev: tuple[Any, ...]) -> tuple[Any, ...]:
+        i = self._index[ev[1]]
         if ev[0] == "f":
             self._open.discard(ev[1])
-        return (ev[0], self._index[ev[1]], *ev[2:])
+            self.finish_reasons[i] = ev[2]
+            self._finished_tokens += ev[3]
+        else:
+            self._token_events[i] += 1
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        return (ev[0], i, *ev[2:])
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated: exact for finished choices; for a choice cut off (the client
+        left), the token events it sent, which can be a few short of what the model made."""
+        unfinished = sum(
+            n for n, r in zip(self._token_events, self.finish_reasons, strict=True) if r is None
+        )
+        return self._finished_tokens + unfinished
 
     def close(self) -> None:
         """Cancel whatever has not finished (the client went away, or another choice failed)
@@ -233,9 +262,11 @@ def _gb(n: int) -> str:
 
 
 class ModelPool:
-    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics | None = None):
         self.settings = settings
         self.catalog = catalog
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self)
         self.slots: dict[str, Slot] = {}
         self.budget = settings.memory_budget_bytes(psutil.virtual_memory().total)
         self.default_ttl = settings.idle_ttl or None  # 0 disables the idle TTL
@@ -307,18 +338,23 @@ class ModelPool:
 
     # Requests -------------------------------------------------------------------------------
 
-    def _worker_options(self) -> dict[str, Any]:
+    def _worker_options(self, model: LocalModel) -> dict[str, Any]:
         return {
             "batch_size": self.settings.batch_size,
             "prompt_cache_bytes": self.settings.prompt_cache_limit_bytes,
+            "log_file": str(worker_log_path(self.settings.logs_dir, model.id)),
         }
 
     async def generate(
-        self, name: str, requests: list[GenerationRequest], keep_alive: float | None = None
+        self,
+        model: str | Resolved,
+        requests: list[GenerationRequest],
+        keep_alive: float | None = None,
     ) -> Generation:
+        """Start generating: `model` is a name, or what resolve() made of one."""
         for r in requests:
             limits.check(r, self.settings)
-        resolved = self.resolve(name)
+        resolved = self.resolve(model) if isinstance(model, str) else model
         default_max = self.settings.default_max_tokens
         reqs = [
             limits.capped(r.with_defaults(resolved.profile, default_max), self.settings)
@@ -337,8 +373,7 @@ class ModelPool:
         slot = self._slot(resolved)
         if keep_alive is not None:
             slot.keep_alive = keep_alive
-        # Waiting: for a load or a drain, or inside the worker beyond its batch width.
-        queued = len(slot.waiters) + max(0, slot.active - self.settings.batch_size)
+        queued = self.queue_depth(slot)
         if queued >= self.settings.max_queue:
             raise errors.TooManyRequests(
                 f"Model '{slot.model.id}' has {queued} requests waiting (the limit is "
@@ -360,6 +395,10 @@ class ModelPool:
             raise
         return Lease(self, slot, handle)
 
+    def queue_depth(self, slot: Slot) -> int:
+        """Requests waiting: for a load or a drain, or inside the worker beyond its batch."""
+        return len(slot.waiters) + max(0, slot.active - self.settings.batch_size)
+
     def _lease(self, slot: Slot) -> Lease:
         assert slot.handle is not None
         self._cancel_ttl(slot)
@@ -373,7 +412,7 @@ class ModelPool:
         slot.last_used = time.time()
         if slot.active == 0:
             if slot.state == "draining":
-                self._start_unload(slot, "drained")
+                self._start_unload(slot, slot.drain_reason)
             elif slot.state == "ready" and not slot.waiters:
                 self._schedule_ttl(slot)
         self._notify()
@@ -390,8 +429,11 @@ class ModelPool:
                 await self._make_room(slot)
                 slot.state, slot.error = "loading", None
                 slot.loads += 1
-                handle = WorkerHandle(slot.model, self._worker_options(), self._on_worker_exit)
+                handle = WorkerHandle(
+                    slot.model, self._worker_options(slot.model), self._on_worker_exit
+                )
                 slot.handle = handle
+            started = time.perf_counter()
             await handle.start(self.settings.load_timeout, self._take_spare())
         except LoadAbandoned:
             slot.state = "unloaded"
@@ -408,6 +450,7 @@ class ModelPool:
                     f"Model '{slot.model.id}' could not be loaded: {slot.error}"
                 )
             )
+            self.metrics.load_failures.labels(slot.model.id).inc()
             self._fail_waiters(slot, err)
             if failed is not None:
                 await failed.stop("its load failed")
@@ -419,6 +462,8 @@ class ModelPool:
             slot.load_task = None
             self._replenish()
         slot.state, slot.loaded_at = "ready", time.time()
+        self.metrics.loads.labels(slot.model.id).inc()
+        self.metrics.load_duration.labels(slot.model.id).observe(time.perf_counter() - started)
         slot.measured = handle.info.get("memory_bytes") or slot.measured
         if slot.measured:
             self.estimate.observe(slot.model.weights_bytes, slot.measured)
@@ -462,7 +507,7 @@ class ModelPool:
                 # load it, and let the models drained for it carry on.
                 for other in drained:
                     if other.state == "draining" and other.unload_task is None:
-                        other.state = "ready"
+                        other.state, other.drain_reason = "ready", DRAINED
                         if other.idle:
                             self._schedule_ttl(other)
                 raise LoadAbandoned
@@ -479,12 +524,12 @@ class ModelPool:
                 log.info(
                     "evicting %s (least recently used) to load %s", idle[0].model.id, slot.model.id
                 )
-                await self._unload(idle[0], "evicted to make room")
+                await self._unload(idle[0], EVICTED)
                 continue
             if evictable:
                 # Everything unpinned is busy: drain the least recently used, then retry.
                 log.info("draining %s to make room for %s", evictable[0].model.id, slot.model.id)
-                evictable[0].state = "draining"
+                evictable[0].state, evictable[0].drain_reason = "draining", EVICTED
                 self._cancel_ttl(evictable[0])
                 drained.append(evictable[0])
             elif not any(s.state in ("draining", "loading") for s in others):
@@ -517,9 +562,14 @@ class ModelPool:
             slot.state = "draining"
             self._cancel_ttl(slot)
             log.info("unloading %s: %s", slot.model.id, reason)
+            if reason == EVICTED:
+                self.metrics.evictions.labels(slot.model.id).inc()
+            elif reason.startswith(IDLE):
+                self.metrics.idle_unloads.labels(slot.model.id).inc()
             await handle.stop("it was force-unloaded" if force else reason)
             if slot.handle is handle:
                 slot.state, slot.handle, slot.loaded_at = "unloaded", None, None
+                slot.drain_reason = DRAINED
         finally:
             slot.unload_task = None
             self._notify()
@@ -531,6 +581,7 @@ class ModelPool:
         for slot in self.slots.values():
             if slot.handle is handle and slot.state in ("ready", "draining"):
                 slot.crashes += 1
+                self.metrics.crashes.labels(slot.model.id).inc()
                 slot.state, slot.handle, slot.loaded_at = "failed", None, None
                 slot.error = handle.error
                 self._cancel_ttl(slot)
@@ -563,7 +614,7 @@ class ModelPool:
     def _expire(self, slot: Slot) -> None:
         slot.ttl_timer = None
         if slot.state == "ready" and slot.idle and not slot.pinned:
-            self._start_unload(slot, f"idle for {self._ttl(slot) or 0:g}s")
+            self._start_unload(slot, f"{IDLE} {self._ttl(slot) or 0:g}s")
 
     # Change notification ----------------------------------------------------------------------
 
@@ -603,7 +654,7 @@ class ModelPool:
         if force or slot.active == 0:
             await self._unload(slot, "unloaded on request", force=force)
         else:
-            slot.state = "draining"
+            slot.state, slot.drain_reason = "draining", "unloaded on request"
             self._cancel_ttl(slot)
             while slot.state == "draining":
                 await self._wait_for_change()
@@ -650,12 +701,13 @@ class ModelPool:
             "ttl_seconds": ttl,
             "ttl_remaining_seconds": ttl_left,
             "in_flight": slot.active,
-            "queued": len(slot.waiters),
+            "queued": self.queue_depth(slot),
             "requests_served": slot.served,
             "loads": slot.loads,
             "crashes": slot.crashes,
             "worker_active": handle.worker_active if handle else 0,
             "generated_tokens": handle.generated_tokens if handle else 0,
+            "tokens_per_second": round(handle.tokens_per_second, 1) if handle else 0.0,
             "context_length": handle.info.get("context_length") if handle else None,
             "error": slot.error,
         }

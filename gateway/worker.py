@@ -7,20 +7,28 @@ Protocol: see gateway/generation.py. Everything MLX happens on this process's ma
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import logging
 import os
+import sys
 import time
 import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from gateway.channels import ChannelSplitter, Markers
 from gateway.hub import context_length_of
+from gateway.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
+
+log = logging.getLogger("mlx_manager.worker")
 
 KEY = "model"  # the prompt cache's model key: a worker serves one model
+REPORT_SECONDS = 0.5
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Engine:
         self.generated_total = 0
         self.token_texts: dict[int, str] = {}
         self.reported: tuple[int, int] | None = None
+        self.reported_at = 0.0
         self.lltok: Any = None  # llguidance tokenizer, for response_format
         # KV caches of finished sequences, found again by longest common token prefix (chats
         # resend their history); mlx-lm's trie + LRU, bounded in bytes.
@@ -168,6 +177,7 @@ class Engine:
                 stop_sequences=[self.eos],
             )
         except Exception as e:  # one bad request must not take the model down for everyone
+            log.warning("request %s: could not start generation", rid, exc_info=True)
             events.append(("e", rid, "InvalidRequest", f"Could not start generation: {e}"))
             return
         self.seqs[uid] = _Sequence(
@@ -513,17 +523,43 @@ class Engine:
             self._report()
 
     def _report(self) -> None:
-        """Tell the gateway how many sequences run here whenever that number changes."""
+        """Tell the gateway how many sequences run here whenever that number changes, and
+        how many tokens it has made at least every REPORT_SECONDS while it generates (the
+        gateway's tokens/s and memory figures)."""
         state = (len(self.seqs), self.generated_total)
-        if self.reported is None or state[0] != self.reported[0]:
-            self.reported = state
+        now = time.monotonic()
+        if (
+            self.reported is None
+            or state[0] != self.reported[0]
+            or (state[0] and now - self.reported_at >= REPORT_SECONDS)
+        ):
+            self.reported, self.reported_at = state, now
             # MLX's own figure: weights, KV caches and its buffer cache, what the budget counts.
             memory = self.mx.get_active_memory() + self.mx.get_cache_memory()
             self.conn.send([("a", *state, memory)])
 
 
+def _log_to(options: dict[str, Any]) -> None:
+    """From now on everything this process prints goes to its model's log file (a warm spare
+    prints to the gateway's stderr until it is given a model), and a fatal fault (SIGSEGV,
+    SIGABRT, ...) leaves the Python traceback of every thread there."""
+    if not options.get("log_file"):
+        return
+    path = Path(options["log_file"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    redirect_output(path)
+    handler = WorkerLogHandler(path, int(options.get("log_max_bytes") or WORKER_LOG_BYTES))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
 def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
     """Load the model, say so, then generate until told to stop or the gateway goes away."""
+    _log_to(options)
+    log.info("loading %s (pid %d)", model_path, os.getpid())
     started = time.perf_counter()
     try:
         import mlx.core as mx
@@ -532,22 +568,25 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
         model, tokenizer, config = mlx_lm.load(model_path, return_config=True)
         context = context_length_of(config) or 4096
     except BaseException as e:  # noqa: BLE001 - any load failure is reported, not raised
+        log.error("load failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
         try:
             conn.send(("load_error", f"{type(e).__name__}: {e}", traceback.format_exc()))
         finally:
             conn.close()
         return
-    conn.send(
-        (
-            "ready",
-            {
-                "pid": os.getpid(),
-                "load_seconds": time.perf_counter() - started,
-                "memory_bytes": int(mx.get_active_memory() + mx.get_cache_memory()),
-                "context_length": context,
-            },
-        )
+    info = {
+        "pid": os.getpid(),
+        "load_seconds": time.perf_counter() - started,
+        "memory_bytes": int(mx.get_active_memory() + mx.get_cache_memory()),
+        "context_length": context,
+    }
+    log.info(
+        "loaded in %.2fs: %.1f MiB, context %d tokens",
+        info["load_seconds"],
+        info["memory_bytes"] / 2**20,
+        context,
     )
+    conn.send(("ready", info))
     try:
         cfg = config.get("text_config", config)
         vocab = max(int(cfg.get("vocab_size") or 0), len(tokenizer))
@@ -560,8 +599,9 @@ def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
             vocab,
             int(options.get("prompt_cache_bytes", 0)),
         ).run()
+        log.info("stopping: asked by the gateway")
     except (EOFError, OSError, KeyboardInterrupt):
-        pass  # the gateway went away: exit quietly
+        log.info("stopping: the gateway went away")
     finally:
         mx.clear_streams()
 

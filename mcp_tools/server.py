@@ -4,6 +4,7 @@ message a person can act on."""
 
 # No `from __future__ import annotations`: the SDK reads these signatures to build the schemas.
 
+import asyncio
 import functools
 import json
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,17 @@ def _given(**fields: Any) -> dict[str, Any]:
     their locals(): their parameters are named as the profile's fields; anything else there
     (closure variables, `clear`) is dropped."""
     return {k: v for k, v in fields.items() if k in PROFILE_FIELDS and v is not None}
+
+
+def _key_name(ctx: Context) -> str | None:
+    """The API key an HTTP MCP session authenticated with (gateway/middleware.py); None
+    over stdio."""
+    try:
+        request = ctx.request_context.request
+    except (AttributeError, ValueError, LookupError):
+        return None
+    scope = getattr(request, "scope", None)
+    return scope.get("state", {}).get("api_key") if isinstance(scope, dict) else None
 
 
 def build_mcp(manager: Manager) -> MCPServer:
@@ -231,6 +243,7 @@ def build_mcp(manager: Manager) -> MCPServer:
     async def chat(
         model: ModelName,
         messages: Annotated[list[ChatMessage], Field(description="The conversation.")],
+        ctx: Context,
         temperature: Annotated[
             float | None, Field(description="0-2; default: the profile's or 1.")
         ] = None,
@@ -238,8 +251,62 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Send messages to a model or profile and get its reply with token usage."""
         return await manager.chat(
-            model, [m.model_dump() for m in messages], temperature, max_tokens
+            model, [m.model_dump() for m in messages], temperature, max_tokens, _key_name(ctx)
         )
+
+    # Observability ----------------------------------------------------------------------------
+
+    @tool
+    async def request_log(
+        model: Annotated[
+            str | None, Field(description="Only this model or profile's requests.")
+        ] = None,
+        key: Annotated[str | None, Field(description="Only this API key's requests.")] = None,
+        status: Annotated[
+            int | None, Field(description="Only this HTTP status (499: client left).")
+        ] = None,
+        errors_only: Annotated[bool, Field(description="Only failed requests.")] = False,
+        since: Annotated[
+            str | None, Field(description="A window back from now ('1h', '7d') or ISO time.")
+        ] = None,
+        limit: Annotated[int, Field(ge=1, le=1000, description="Rows at most.")] = 50,
+    ) -> dict[str, Any]:
+        """Recent generation requests, newest first: time, model, profile, API key, endpoint,
+        status, error, prompt/completion/cached tokens, time to first token and duration."""
+        rows = await asyncio.to_thread(
+            manager.requests_log,
+            model=model,
+            key=key,
+            status=status,
+            errors_only=errors_only,
+            since=since,
+            limit=limit,
+        )
+        return {"requests": rows}
+
+    @tool
+    async def usage_stats(
+        since: Annotated[
+            str, Field(description="Window back from now ('1h', '24h', '7d') or ISO time.")
+        ] = "24h",
+        by: Annotated[
+            Literal["model", "key", "model,key", "total"],
+            Field(description="Group per model, per API key, both, or only the total."),
+        ] = "model",
+    ) -> dict[str, Any]:
+        """Usage over a window from the request log: requests, errors, cancelled, prompt,
+        completion and cached tokens, average and worst time to first token, average
+        duration and decode tokens per second; per model, per API key, or both."""
+        return await asyncio.to_thread(manager.usage_stats, since, by)
+
+    @tool
+    async def worker_logs(
+        model: ModelName,
+        lines: Annotated[int, Field(ge=1, le=10000, description="Lines from the end.")] = 100,
+    ) -> dict[str, Any]:
+        """The end of a model's worker log: load messages, errors, and the traceback of a
+        worker that crashed (also for a model no longer loaded)."""
+        return await asyncio.to_thread(manager.worker_logs, model, lines)
 
     @tool
     async def system_info() -> dict[str, Any]:

@@ -39,6 +39,9 @@ TOOLS = {
     "system_info",
     "list_downloads",
     "cancel_download",
+    "request_log",
+    "usage_stats",
+    "worker_logs",
 }
 HELLO = [{"role": "user", "content": "hello world"}]
 

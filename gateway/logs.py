@@ -1,0 +1,181 @@
+"""Log files under MLX_MANAGER_HOME/logs: the server's own log (one line per request, as
+key=value fields or JSON), and one log per model's worker (its load, its errors, the traceback
+of a crash), each rotated.
+
+A worker writes its log itself: it points its stdout and stderr at the file when it is given a
+model, so that everything it prints lands there, C-level faults included. The gateway adds what
+only it can see (the process died, and how) to the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+
+SERVER_LOG_BYTES = 10_000_000
+WORKER_LOG_BYTES = 2_000_000
+BACKUPS = 3
+ACCESS = "mlx_manager.access"  # the logger of per-request lines
+
+
+# The server's log ------------------------------------------------------------------------------
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message key=value ...`: readable, and still parseable by field."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the request's fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _logfmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or re.search(r'[\s"=]', text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log to the terminal and to MLX_MANAGER_HOME/logs/mlx-manager.log (rotated)."""
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(),
+        logging.handlers.RotatingFileHandler(
+            settings.logs_dir / "mlx-manager.log",
+            maxBytes=SERVER_LOG_BYTES,
+            backupCount=BACKUPS,
+        ),
+    ]
+    for h in handlers:
+        h.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=handlers, force=True)
+
+
+# Worker logs ------------------------------------------------------------------------------------
+
+
+def worker_log_path(logs_dir: Path, model_id: str) -> Path:
+    """logs/workers/<model>.log, `org/name` spelled `org--name` as in the HF cache."""
+    name = model_id.strip("/").replace("/", "--")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-150:] or "model"
+    return logs_dir / "workers" / f"{name}.log"
+
+
+def rotate(path: Path, max_bytes: int = WORKER_LOG_BYTES, backups: int = BACKUPS) -> bool:
+    """path -> path.1 -> ... -> path.N when path is over max_bytes; True if it rotated."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+    return True
+
+
+def stamp(message: str, source: str) -> str:
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {source}: {message}\n"
+
+
+def append(path: Path, message: str) -> None:
+    """Add one line from the gateway to a worker's log (the worker may be writing too: small
+    O_APPEND writes do not interleave)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(stamp(message, "gateway"))
+    except OSError:
+        logging.getLogger("mlx_manager").warning("could not write %s", path, exc_info=True)
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    """The last `lines` lines of a log, reaching into its rotated files when it is short."""
+    out: deque[str] = deque(maxlen=lines)
+    files = [path.with_name(f"{path.name}.{i}") for i in range(BACKUPS, 0, -1)] + [path]
+    for f in files:
+        try:
+            with f.open(errors="replace") as fh:
+                out.extend(line.rstrip("\n") for line in fh)
+        except FileNotFoundError:
+            continue
+    return list(out)
+
+
+def exit_description(code: int | None) -> str:
+    """`exit code 1`, `killed by SIGKILL`: how a process ended, as a person says it."""
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class WorkerLogHandler(logging.Handler):
+    """Inside a worker: log records go to its stderr, which is its log file; when the file
+    grows past its limit, rotate it and point stdout and stderr at a fresh one."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        super().__init__()
+        self.path, self.max_bytes = path, max_bytes
+        self.setFormatter(logging.Formatter("%(asctime)s worker: %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if os.fstat(2).st_size > self.max_bytes and rotate(self.path, self.max_bytes):
+                redirect_output(self.path)
+            os.write(2, (self.format(record) + "\n").encode(errors="replace"))
+        except Exception:
+            self.handleError(record)
+
+
+def redirect_output(path: Path) -> None:
+    """Point this process's stdout and stderr (the file descriptors, so C code's output goes
+    there too) at `path`, appending."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

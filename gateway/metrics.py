@@ -1,0 +1,197 @@
+"""Prometheus metrics at GET /metrics (prometheus-client, names prefixed `mlx_manager_`).
+
+Two kinds: events are counted as they happen (requests, tokens, loads, evictions, crashes,
+with latency histograms); state (queues, memory, worker throughput) is read from the pool when
+Prometheus scrapes, so it is never stale and costs nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import psutil
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from gateway.requestlog import RequestRecord
+
+if TYPE_CHECKING:
+    from gateway.pool import ModelPool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# `*_created` series (a timestamp per labelled series) double the output and no dashboard
+# reads them.
+disable_created_metrics()
+STATES = ("loading", "ready", "draining", "failed", "unloaded")
+# Seconds: from a tiny model's first token on a laptop to a long answer of a large one.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+RATE_BUCKETS = (1, 2.5, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 1000)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # the gateway process itself: CPU, RSS, open files
+        self.requests = Counter(
+            "mlx_manager_requests",
+            "Generation requests by model, endpoint and status (499: the client went away).",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "mlx_manager_request_duration_seconds",
+            "Generation requests from arrival to their last byte.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mlx_manager_time_to_first_token_seconds",
+            "From a request's arrival to its first generated token (queue and load included).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_rate = Histogram(
+            "mlx_manager_decode_tokens_per_second",
+            "Each request's own decode speed: its tokens after the first, per second.",
+            ["model"],
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "mlx_manager_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "mlx_manager_cached_prompt_tokens",
+            "Prompt tokens reused from the prompt cache (part of the prompt tokens).",
+            ["model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "mlx_manager_completion_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.loads = Counter(
+            "mlx_manager_model_loads", "Models loaded into a worker.", ["model"], registry=r
+        )
+        self.load_failures = Counter(
+            "mlx_manager_model_load_failures", "Loads that failed.", ["model"], registry=r
+        )
+        self.load_duration = Histogram(
+            "mlx_manager_model_load_duration_seconds",
+            "From a load's start (room made) until its worker is ready.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mlx_manager_model_evictions",
+            "Models unloaded to make room for another (memory budget or loaded-model limit).",
+            ["model"],
+            registry=r,
+        )
+        self.idle_unloads = Counter(
+            "mlx_manager_model_idle_unloads",
+            "Models unloaded after their idle TTL.",
+            ["model"],
+            registry=r,
+        )
+        self.crashes = Counter(
+            "mlx_manager_worker_crashes",
+            "Worker processes that died on their own (killed, out of memory, a fault).",
+            ["model"],
+            registry=r,
+        )
+
+    def watch(self, pool: ModelPool) -> None:
+        """Read the pool's state at each scrape."""
+        self.registry.register(PoolCollector(pool))
+
+    def request(self, record: RequestRecord) -> None:
+        """Count one finished generation request."""
+        model = record.label_model
+        self.requests.labels(model, record.endpoint, str(record.status)).inc()
+        if record.duration is not None:
+            self.duration.labels(model, record.endpoint).observe(record.duration)
+        if not model:
+            return
+        ttft = record.ttft
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+        rate = record.decode_rate
+        if rate is not None:
+            self.decode_rate.labels(model).observe(rate)
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+        if record.cached_tokens:
+            self.cached_tokens.labels(model).inc(record.cached_tokens)
+        if record.completion_tokens:
+            self.completion_tokens.labels(model).inc(record.completion_tokens)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class PoolCollector(Collector):
+    """Gauges of the pool's state, read when Prometheus scrapes."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.pool
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"mlx_manager_{name}", doc, labels=list(labels))
+
+        state = gauge("model_state", "1 for each model's current state.", ("model", "state"))
+        in_flight = gauge("model_requests_in_flight", "Requests a model is running now.")
+        queue = gauge(
+            "model_queue_depth",
+            "Requests waiting for a model: for its load, or beyond its batch width.",
+        )
+        memory = gauge("model_memory_bytes", "Memory a model counts against the budget.")
+        rss = gauge("worker_resident_memory_bytes", "Resident memory of a model's worker process.")
+        rate = gauge("model_tokens_per_second", "A model's decode throughput over its last report.")
+        loaded = 0
+        for slot in list(pool.slots.values()):
+            model = slot.model.id
+            for s in STATES:
+                state.add_metric([model, s], float(slot.state == s))
+            if slot.state == "unloaded" and not slot.waiters:
+                continue
+            loaded += slot.state == "ready"
+            in_flight.add_metric([model], slot.active)
+            queue.add_metric([model], pool.queue_depth(slot))
+            memory.add_metric([model], slot.memory)
+            handle = slot.handle
+            rate.add_metric([model], handle.tokens_per_second if handle else 0.0)
+            if handle is not None and handle.pid is not None:
+                try:
+                    rss.add_metric([model], psutil.Process(handle.pid).memory_info().rss)
+                except psutil.Error:
+                    pass  # it exited between the two looks
+        yield from (state, in_flight, queue, memory, rss, rate)
+        yield GaugeMetricFamily(
+            "mlx_manager_models_loaded", "Models loaded and ready.", value=loaded
+        )
+        yield GaugeMetricFamily(
+            "mlx_manager_memory_budget_bytes",
+            "The memory budget (MLX_MANAGER_MEMORY_BUDGET).",
+            value=pool.budget,
+        )
+        yield GaugeMetricFamily(
+            "mlx_manager_memory_used_bytes",
+            "Memory the loaded models count against the budget.",
+            value=pool.memory_used(),
+        )

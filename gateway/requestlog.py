@@ -1,0 +1,255 @@
+"""The request log: one RequestRecord per generation request, from the moment it arrives to its
+last byte, written to the database in the background.
+
+A record is filled in by whoever knows each fact: the HTTP middleware (request id, key, status,
+duration), the /v1 handler (model, profile, tokens, time to first token), the error handlers
+(the error). Rows are written by a thread in small batches, so a request never waits for the
+disk, and pruned to MLX_MANAGER_LOG_RETENTION.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from config.settings import Settings
+from config.store import Store, timestamp
+
+if TYPE_CHECKING:
+    from gateway.catalog import Resolved
+    from gateway.pool import Generation
+
+log = logging.getLogger("mlx_manager")
+
+# Requests that generate: these are logged to the database and counted in the metrics.
+GENERATION_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "mcp:chat"})
+CANCELLED = 499  # the client went away before the answer ended (nginx's convention)
+FLUSH_SECONDS = 0.25
+PRUNE_SECONDS = 10.0
+MAX_PENDING = 10_000  # rows waiting for the disk; beyond, the oldest are dropped (and said so)
+
+
+LOGGED = (
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "ttft_ms",
+    "duration_ms",
+    "error",
+)
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    endpoint: str
+    method: str = "POST"
+    request_id: str = field(default_factory=new_request_id)
+    started: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    key_name: str | None = None
+    model: str | None = None  # the name the request gave
+    model_id: str | None = None  # the model that name resolved to
+    profile: str | None = None
+    status: int | None = None  # set when it differs from the HTTP status (a failed stream)
+    error: str | None = None
+    stream: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    first_token: float | None = None  # perf_counter of the first generated token
+    duration: float | None = None  # seconds, set when the response ended
+    prompt: str | None = None  # only with log_content
+    completion: str | None = None
+
+    def resolved(self, resolved: Resolved) -> None:
+        self.model_id = resolved.model.id
+        if resolved.profile is not None:
+            self.profile = resolved.profile["name"]
+
+    def generated(self, gen: Generation, n: int = 1) -> None:
+        """Take the token counts and timing of a generation (finished or cut off); `n`
+        choices share each prompt."""
+        self.prompt_tokens = sum(gen.prompt_tokens[::n])
+        self.cached_tokens = sum(gen.cached_tokens[::n])
+        self.completion_tokens = gen.completion_tokens
+        self.first_token = gen.first_token
+        reasons = [r for r in gen.finish_reasons if r]
+        self.finish_reason = ",".join(dict.fromkeys(reasons)) or None
+
+    def failed(self, status: int, message: str) -> None:
+        self.status, self.error = status, message
+
+    def end(self, http_status: int | None, complete: bool) -> None:
+        """The response is over: `complete` when its last byte was sent."""
+        self.duration = time.perf_counter() - self.t0
+        if self.status is None:
+            self.status = http_status if complete and http_status else CANCELLED
+        if self.status == CANCELLED and self.error is None:
+            self.error = "the client disconnected before the answer ended"
+
+    @property
+    def ttft(self) -> float | None:
+        return self.first_token - self.t0 if self.first_token is not None else None
+
+    @property
+    def decode_rate(self) -> float | None:
+        """Tokens per second after the first one."""
+        tokens, ttft = self.completion_tokens, self.ttft
+        if not tokens or tokens < 2 or ttft is None or self.duration is None:
+            return None
+        seconds = self.duration - ttft
+        return (tokens - 1) / seconds if seconds > 0 else None
+
+    @property
+    def label_model(self) -> str:
+        """The model as a metrics label: only resolved models (a typo must not add series)."""
+        return self.model_id or ""
+
+    def row(self) -> dict[str, Any]:
+        ttft = self.ttft
+        return {
+            "request_id": self.request_id,
+            "time": timestamp(self.started),
+            "endpoint": self.endpoint,
+            "model": self.model_id or self.model,
+            "profile": self.profile,
+            "key_name": self.key_name,
+            "status": self.status,
+            "error": self.error,
+            "stream": int(self.stream),
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
+            "duration_ms": round(self.duration * 1000, 2) if self.duration is not None else None,
+            "prompt": self.prompt,
+            "completion": self.completion,
+        }
+
+    def fields(self) -> dict[str, Any]:
+        """What the server's log line for this request says (never its content), the id
+        first; fields with no value are left out."""
+        row = self.row()
+        fields = {
+            "id": row["request_id"],
+            "method": self.method,
+            "path": self.endpoint,
+            "status": self.status,
+            "model": row["model"],
+            "profile": self.profile,
+            "key": self.key_name,
+            "stream": self.stream or None,
+            **{k: row[k] for k in LOGGED},
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+def content_of(value: Any) -> str:
+    """Prompt or completion text as stored: text as it is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class RequestLog:
+    """Writes finished records to the database from a thread, and prunes it to the retention."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.store = store
+        self.max_age, self.max_rows = settings.request_log_limits
+        self.enabled = self.max_rows != 0
+        self.content = settings.log_content
+        self._pending: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._dropped = 0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pruned_at = 0.0
+
+    def add(self, record: RequestRecord) -> None:
+        if not self.enabled:
+            return
+        row = record.row()
+        if not self.content:
+            row["prompt"] = row["completion"] = None
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.popleft()
+            self._dropped += 1
+        self._idle.clear()
+        self._pending.append(row)
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="mlx-manager-request-log", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            self._write()
+            if time.monotonic() - self._pruned_at > PRUNE_SECONDS:
+                self.prune()
+            if self._stop:
+                return
+
+    def _write(self) -> None:
+        rows = []
+        while self._pending:
+            rows.append(self._pending.popleft())
+        try:
+            if rows:
+                self.store.add_requests(rows)
+        except Exception:  # a busy or full disk must never fail the requests themselves
+            log.warning("could not write %d request log rows", len(rows), exc_info=True)
+            self._pending.extendleft(reversed(rows[-MAX_PENDING:]))
+            time.sleep(1)
+        if self._dropped:
+            log.warning("request log: %d rows dropped (the database fell behind)", self._dropped)
+            self._dropped = 0
+        if not self._pending:
+            self._idle.set()
+
+    def prune(self) -> int:
+        """Delete rows beyond the retention; returns how many."""
+        self._pruned_at = time.monotonic()
+        if not self.enabled:
+            return 0
+        before = timestamp(time.time() - self.max_age) if self.max_age else None
+        try:
+            return self.store.prune_requests(before, self.max_rows)
+        except Exception:
+            log.warning("could not prune the request log", exc_info=True)
+            return 0
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every record added so far is on disk (at shutdown, and for readers)."""
+        if self._thread is not None:
+            self._wake.set()
+            self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
