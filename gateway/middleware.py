@@ -71,7 +71,10 @@ class RecordMiddleware:
         finally:
             record.key_name = state.get("api_key")
             record.end(status, complete)
-            self.finish(record)
+            try:
+                self.finish(record)
+            except Exception:  # the answer is sent: a failure to record it must not show
+                log.exception("could not record request %s", record.request_id)
 
 
 async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:

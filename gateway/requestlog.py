@@ -31,7 +31,6 @@ log = logging.getLogger("mlx_manager")
 GENERATION_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "mcp:chat"})
 CANCELLED = 499  # the client went away before the answer ended (nginx's convention)
 FLUSH_SECONDS = 0.25
-PRUNE_SECONDS = 10.0
 MAX_PENDING = 10_000  # rows waiting for the disk; beyond, the oldest are dropped (and said so)
 
 
@@ -172,13 +171,13 @@ class RequestLog:
         self.content = settings.log_content
         self._pending: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
         self._stop = False
-        self._dropped = 0
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._pruned_at = 0.0
+        # Rows handed in, and rows written or dropped: flush() waits for the one to catch up.
+        self._added = 0
+        self._done = 0
+        self._dropped = 0
+        self._progress = threading.Condition()
 
     def add(self, record: RequestRecord) -> None:
         if not self.enabled:
@@ -186,16 +185,13 @@ class RequestLog:
         row = record.row()
         if not self.content:
             row["prompt"] = row["completion"] = None
-        if len(self._pending) >= MAX_PENDING:
-            self._pending.popleft()
-            self._dropped += 1
-        self._idle.clear()
-        self._pending.append(row)
-        if self._thread is None:
-            self._start()
-
-    def _start(self) -> None:
-        with self._lock:
+        with self._progress:
+            if len(self._pending) >= MAX_PENDING:
+                self._pending.popleft()
+                self._dropped += 1
+                self._done += 1
+            self._pending.append(row)
+            self._added += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="mlx-manager-request-log", daemon=True
@@ -207,45 +203,55 @@ class RequestLog:
             self._wake.wait(FLUSH_SECONDS)
             self._wake.clear()
             self._write()
-            if time.monotonic() - self._pruned_at > PRUNE_SECONDS:
-                self.prune()
             if self._stop:
                 return
 
     def _write(self) -> None:
-        rows = []
-        while self._pending:
-            rows.append(self._pending.popleft())
-        try:
-            if rows:
+        with self._progress:
+            rows = list(self._pending)
+            self._pending.clear()
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            log.warning("request log: %d rows dropped (the database fell behind)", dropped)
+        if not rows:
+            return
+        try:  # the rows and the pruning they call for, in one transaction
+            with self.store.write():
                 self.store.add_requests(rows)
+                self.store.prune_requests(*self._bounds())
         except Exception:  # a busy or full disk must never fail the requests themselves
             log.warning("could not write %d request log rows", len(rows), exc_info=True)
-            self._pending.extendleft(reversed(rows[-MAX_PENDING:]))
+            with self._progress:
+                self._pending.extendleft(reversed(rows))
             time.sleep(1)
-        if self._dropped:
-            log.warning("request log: %d rows dropped (the database fell behind)", self._dropped)
-            self._dropped = 0
-        if not self._pending:
-            self._idle.set()
+            return
+        with self._progress:
+            self._done += len(rows)
+            self._progress.notify_all()
+
+    def _bounds(self) -> tuple[str | None, int | None]:
+        """(the oldest time kept, the most rows kept) for Store.prune_requests."""
+        return timestamp(time.time() - self.max_age) if self.max_age else None, self.max_rows
 
     def prune(self) -> int:
-        """Delete rows beyond the retention; returns how many."""
-        self._pruned_at = time.monotonic()
+        """Delete rows beyond the retention (at startup: the age bound moves on while no
+        request comes); returns how many."""
         if not self.enabled:
             return 0
-        before = timestamp(time.time() - self.max_age) if self.max_age else None
         try:
-            return self.store.prune_requests(before, self.max_rows)
+            return self.store.prune_requests(*self._bounds())
         except Exception:
             log.warning("could not prune the request log", exc_info=True)
             return 0
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every record added so far is on disk (at shutdown, and for readers)."""
-        if self._thread is not None:
-            self._wake.set()
-            self._idle.wait(timeout)
+        if self._thread is None:
+            return
+        target = self._added
+        self._wake.set()
+        with self._progress:
+            self._progress.wait_for(lambda: self._done >= target, timeout)
 
     def close(self) -> None:
         self.flush()

@@ -44,7 +44,7 @@ def test_cli_against_a_running_server(models: Models, tmp_path: Path) -> None:
         assert server.worker("tiny-a")["state"] == "ready"
         ps = cli(env, "ps")
         assert ps.returncode == 0 and "tiny-a" in ps.stdout and "ready" in ps.stdout
-        assert ps.stdout.splitlines()[0].split()[:2] == ["model", "state"]
+        assert ps.stdout.splitlines()[0].split()[:2] == ["MODEL", "STATE"]
         assert [r["model"] for r in as_json(env, "ps")] == ["tiny-a"]
         listed = {m["id"]: m for m in as_json(env, "models")}
         assert listed["tiny-a"]["loaded"] is True and listed["tiny-b"]["loaded"] is False

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import SettingsError, load_settings
+from config.settings import SettingsError, load_settings, parse_retention
 
 
 def test_layers_override_in_order(tmp_path: Path) -> None:
@@ -34,9 +34,32 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
         ("port = [", {}, "config.toml"),
         ("colour = 1\n", {}, "unknown setting"),
         ("", {"MLX_MANAGER_PORT": "eighty"}, "'port'"),
+        ("", {"MLX_MANAGER_LOG_RETENTION": "a month"}, "log retention"),
+        ("", {"MLX_MANAGER_LOG_RETENTION": "1.5"}, "log retention"),
+        ("", {"MLX_MANAGER_LOG_RETENTION": "30d,0"}, "log retention"),
+        ("", {"MLX_MANAGER_LOG_FORMAT": "xml"}, "'log_format'"),
+        ("", {"MLX_MANAGER_LOG_CONTENT": "maybe"}, "'log_content'"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path: Path, toml: str, env: dict, fragment: str) -> None:
     (tmp_path / "config.toml").write_text(toml)
     with pytest.raises(SettingsError, match=fragment):
         load_settings(environ={"MLX_MANAGER_HOME": str(tmp_path), **env})
+
+
+@pytest.mark.parametrize(
+    ("text", "limits"),
+    [
+        ("30d,1000000", (30 * 86400.0, 1_000_000)),
+        ("12h", (43200.0, None)),
+        ("500", (None, 500)),
+        ("2w, 10", (14 * 86400.0, 10)),
+        ("0", (0.0, 0)),  # the request log is off
+    ],
+)
+def test_log_retention(text: str, limits: tuple[float | None, int | None]) -> None:
+    assert parse_retention(text) == limits
+    settings = load_settings(
+        environ={"MLX_MANAGER_HOME": "/tmp/x", "MLX_MANAGER_LOG_RETENTION": text}
+    )
+    assert settings.request_log_limits == limits
