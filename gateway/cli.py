@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ServiceError as e:
         print(f"mlx-manager: {e.message}", file=sys.stderr)
         return 2
-    setup_logging(settings)
+    listener = setup_logging(settings)
     if not args.no_demo:
         ensure_demo_model(settings)
     auth = "API key required" if manager.keys.required() else "no API key required"
@@ -68,17 +68,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"mlx-manager serving on http://{settings.host}:{settings.port}/v1 ({auth})",
         file=sys.stderr,
     )
-    uvicorn.run(
-        create_app(settings, manager),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-        access_log=False,  # our own line per request has its id, model, tokens and timing
-        # Longer than clients keep idle connections (httpx, and so the OpenAI SDK: 5 s), so
-        # the server never closes one just as a client reuses it (a spurious ReadError).
-        timeout_keep_alive=65,
-    )
+    try:
+        uvicorn.run(
+            create_app(settings, manager),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+            access_log=False,  # our own line per request has its id, model, tokens and timing
+            # Longer than clients keep idle connections (httpx, and so the OpenAI SDK: 5 s), so
+            # the server never closes one just as a client reuses it (a spurious ReadError).
+            timeout_keep_alive=65,
+        )
+    finally:
+        listener.stop()  # writes what is still queued
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import logging.handlers
 import os
+import queue
 import re
 import signal
 import time
@@ -71,8 +72,12 @@ def _logfmt(value: Any) -> str:
     return text
 
 
-def setup_logging(settings: Settings) -> None:
-    """Log to the terminal and to MLX_MANAGER_HOME/logs/mlx-manager.log (rotated)."""
+def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
+    """Log to the terminal and to MLX_MANAGER_HOME/logs/mlx-manager.log (rotated).
+
+    A request only puts its line on a queue; a thread formats and writes it (a formatted,
+    flushed write to two files costs ~120 µs, which the request would otherwise wait for).
+    Returns the listener, to stop (and drain) at exit."""
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
     formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [
@@ -85,7 +90,15 @@ def setup_logging(settings: Settings) -> None:
     ]
     for h in handlers:
         h.setFormatter(formatter)
-    logging.basicConfig(level=settings.log_level.upper(), handlers=handlers, force=True)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    listener.start()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        handlers=[logging.handlers.QueueHandler(records)],
+        force=True,
+    )
+    return listener
 
 
 # Worker logs ------------------------------------------------------------------------------------

@@ -214,13 +214,14 @@ class Manager:
     def finish_request(self, record: RequestRecord) -> None:
         """A request is over: one line in the server log; for generation requests also a row
         in the request log and the metrics."""
+        row = record.row()
         quiet = record.endpoint in QUIET_PATHS and (record.status or 0) < 400
         level = logging.DEBUG if quiet else logging.INFO
         if access_log.isEnabledFor(level):
-            access_log.log(level, "request", extra={"fields": record.fields()})
+            access_log.log(level, "request", extra={"fields": record.fields(row)})
         if record.endpoint in GENERATION_ENDPOINTS:
             self.metrics.request(record)
-            self.request_log.add(record)
+            self.request_log.add(row)
 
     def requests_log(
         self,

@@ -138,10 +138,10 @@ class RequestRecord:
             "completion": self.completion,
         }
 
-    def fields(self) -> dict[str, Any]:
+    def fields(self, row: dict[str, Any] | None = None) -> dict[str, Any]:
         """What the server's log line for this request says (never its content), the id
-        first; fields with no value are left out."""
-        row = self.row()
+        first; fields with no value are left out. `row`: this record's row(), if made."""
+        row = row or self.row()
         fields = {
             "id": row["request_id"],
             "method": self.method,
@@ -179,10 +179,11 @@ class RequestLog:
         self._dropped = 0
         self._progress = threading.Condition()
 
-    def add(self, record: RequestRecord) -> None:
+    def add(self, row: dict[str, Any]) -> None:
+        """Queue a finished record's row() for the database."""
         if not self.enabled:
             return
-        row = record.row()
+        row = dict(row)
         if not self.content:
             row["prompt"] = row["completion"] = None
         with self._progress:

@@ -508,7 +508,7 @@ def test_request_log_off_writes_nothing(tmp_path: Path) -> None:
         for i in range(3):
             record = RequestRecord(CHAT, request_id=f"{retention}-{i}")
             record.end(200, complete=True)
-            log.add(record)
+            log.add(record.row())
         log.close()
         assert len(store.requests(since=None)) == expected
         store.db.execute("DELETE FROM requests")
