@@ -173,18 +173,41 @@ def cmd_models(args: argparse.Namespace) -> int:
     return _run(args, lambda m: m.list_models())
 
 
-PS_COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
-    # field: (heading, how a person reads it)
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _duration(seconds: float | None) -> str:
+    """45s, 3m20s, 2h05m, 3d4h: as `ps` and `docker ps` show ages."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+Column = tuple[str, Callable[[Any], str]]  # (heading, how a person reads the field)
+PS_COLUMNS: dict[str, Column] = {
     "model": ("MODEL", str),
     "state": ("STATE", str),
-    "pid": ("PID", lambda v: _cell(v)),
-    "memory_bytes": ("MEMORY", lambda v: _bytes(v)),
-    "uptime_seconds": ("UPTIME", lambda v: _duration(v)),
-    "idle_seconds": ("IDLE", lambda v: _duration(v)),
-    "ttl_remaining_seconds": ("TTL LEFT", lambda v: _duration(v)),
-    "queued": ("QUEUE", lambda v: _cell(v)),
-    "in_flight": ("RUNNING", lambda v: _cell(v)),
-    "requests_served": ("SERVED", lambda v: _cell(v)),
+    "pid": ("PID", _cell),
+    "memory_bytes": ("MEMORY", _bytes),
+    "uptime_seconds": ("UPTIME", _duration),
+    "idle_seconds": ("IDLE", _duration),
+    "ttl_remaining_seconds": ("TTL LEFT", _duration),
+    "queued": ("QUEUE", _cell),
+    "in_flight": ("RUNNING", _cell),
+    "requests_served": ("SERVED", _cell),
     "tokens_per_second": ("TOK/S", lambda v: f"{v:.1f}" if v else "0"),
 }
 
@@ -218,33 +241,7 @@ def _ps_table(rows: list[dict[str, Any]], memory: dict[str, int]) -> str:
     used = f"memory {_bytes(memory['used_bytes'])} of {_bytes(memory['budget_bytes'])} budget"
     if not rows:
         return f"no models loaded; {used}"
-    table = [
-        {heading: show(r.get(field)) for field, (heading, show) in PS_COLUMNS.items()} for r in rows
-    ]
-    return _table(table) + f"\n{used}"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _duration(seconds: float | None) -> str:
-    """45s, 3m20s, 2h05m, 3d4h: as `ps` and `docker ps` show ages."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
+    return _table(_shown(rows, PS_COLUMNS)) + f"\n{used}"
 
 
 def _interruptible(run: Callable[[], int]) -> int:
@@ -255,28 +252,26 @@ def _interruptible(run: Callable[[], int]) -> int:
         return 0
 
 
-REQUEST_COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
+REQUEST_COLUMNS: dict[str, Column] = {
     "time": ("TIME", lambda v: v.replace("T", " ")[:19]),
     "request_id": ("ID", str),
     "endpoint": ("ENDPOINT", lambda v: v.removeprefix("/v1/")),
-    "model": ("MODEL", lambda v: _cell(v)),
-    "profile": ("PROFILE", lambda v: _cell(v)),
-    "key_name": ("KEY", lambda v: _cell(v)),
-    "status": ("STATUS", lambda v: _cell(v)),
-    "prompt_tokens": ("PROMPT", lambda v: _cell(v)),
-    "completion_tokens": ("OUTPUT", lambda v: _cell(v)),
-    "cached_tokens": ("CACHED", lambda v: _cell(v)),
+    "model": ("MODEL", _cell),
+    "profile": ("PROFILE", _cell),
+    "key_name": ("KEY", _cell),
+    "status": ("STATUS", _cell),
+    "prompt_tokens": ("PROMPT", _cell),
+    "completion_tokens": ("OUTPUT", _cell),
+    "cached_tokens": ("CACHED", _cell),
     "ttft_ms": ("TTFT", lambda v: "-" if v is None else f"{v:.0f}ms"),
     "duration_ms": ("TIME TAKEN", lambda v: "-" if v is None else f"{v / 1000:.2f}s"),
     "error": ("ERROR", lambda v: "" if v is None else v if len(v) <= 60 else v[:57] + "..."),
 }
 
 
-def _request_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    return [
-        {heading: show(r.get(field)) for field, (heading, show) in REQUEST_COLUMNS.items()}
-        for r in rows
-    ]
+def _shown(rows: list[dict[str, Any]], columns: dict[str, Column]) -> list[dict[str, str]]:
+    """Rows as a person reads them: each field under its heading, in its own format."""
+    return [{heading: show(r.get(f)) for f, (heading, show) in columns.items()} for r in rows]
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -295,7 +290,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     async def requests(manager: Manager) -> Any:
         rows = list(reversed(manager.requests_log(**filters, limit=args.limit)))
         if not args.follow:
-            return rows if args.json else _table(_request_rows(rows)) if rows else "(none)"
+            if args.json or rows:
+                return rows if args.json else _table(_shown(rows, REQUEST_COLUMNS))
+            off = not manager.request_log.enabled
+            return (
+                "(none: the request log is off, MLX_MANAGER_LOG_RETENTION=0)" if off else "(none)"
+            )
         last = _print_requests(rows, args.json, header=True, last=0)
         while True:
             await asyncio.sleep(FOLLOW_SECONDS)
@@ -320,7 +320,7 @@ def _print_requests(rows: list[dict[str, Any]], as_json: bool, header: bool, las
 
     if header and not as_json:
         print(line(h for h, _ in REQUEST_COLUMNS.values()), flush=True)
-    for raw, row in zip(rows, _request_rows(rows), strict=True):
+    for raw, row in zip(rows, _shown(rows, REQUEST_COLUMNS), strict=True):
         print(json.dumps(raw) if as_json else line(row.values()), flush=True)
     return max([last, *(r["id"] for r in rows)])
 

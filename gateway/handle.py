@@ -75,7 +75,7 @@ class WorkerHandle:
         self.worker_active = 0  # sequences the worker itself reports running
         self.generated_tokens = 0
         self.tokens_per_second = 0.0  # decode throughput over the last second or so
-        self._rate_mark: tuple[float, int] | None = None  # (when, generated_tokens) measured from
+        self._rate_mark: tuple[float, int] | None = None  # (when, generated_tokens) to measure from
         self.log_file = Path(options["log_file"]) if options.get("log_file") else None
         self.error: str | None = None
         self._sinks: dict[str, Sink] = {}

@@ -112,17 +112,18 @@ def worker_log_path(logs_dir: Path, model_id: str) -> Path:
 
 
 def rotate(path: Path, max_bytes: int = WORKER_LOG_BYTES, backups: int = BACKUPS) -> bool:
-    """path -> path.1 -> ... -> path.N when path is over max_bytes; True if it rotated."""
+    """path -> path.1 -> ... -> path.N when path is over max_bytes; True if it rotated. A log
+    that cannot be rotated (permissions, a full disk) keeps growing rather than fail a load."""
     try:
         if path.stat().st_size <= max_bytes:
             return False
-    except FileNotFoundError:
+        for i in range(backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{i + 1}"))
+        path.replace(path.with_name(f"{path.name}.1"))
+    except OSError:
         return False
-    for i in range(backups - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{i}")
-        if older.exists():
-            older.replace(path.with_name(f"{path.name}.{i + 1}"))
-    path.replace(path.with_name(f"{path.name}.1"))
     return True
 
 

@@ -159,12 +159,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def _usage(gen: Generation, n: int, completion_tokens: int) -> dict[str, Any]:
-    prompt = sum(gen.prompt_tokens[::n])  # the prompt counts once per prompt, not per choice
+    prompt, cached = gen.prompt_usage(n)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": sum(gen.cached_tokens[::n])},
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

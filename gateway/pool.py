@@ -206,6 +206,11 @@ class Generation:
             self.first_token = time.perf_counter()
         return (ev[0], i, *ev[2:])
 
+    def prompt_usage(self, n: int) -> tuple[int, int]:
+        """(prompt tokens, of them cached) of the request, whose prompts each have `n` choices:
+        a prompt counts once, not once per choice."""
+        return sum(self.prompt_tokens[::n]), sum(self.cached_tokens[::n])
+
     @property
     def completion_tokens(self) -> int:
         """Tokens generated: exact for finished choices; for a choice cut off (the client

@@ -80,8 +80,7 @@ class RequestRecord:
     def generated(self, gen: Generation, n: int = 1) -> None:
         """Take the token counts and timing of a generation (finished or cut off); `n`
         choices share each prompt."""
-        self.prompt_tokens = sum(gen.prompt_tokens[::n])
-        self.cached_tokens = sum(gen.cached_tokens[::n])
+        self.prompt_tokens, self.cached_tokens = gen.prompt_usage(n)
         self.completion_tokens = gen.completion_tokens
         self.first_token = gen.first_token
         reasons = [r for r in gen.finish_reasons if r]

@@ -548,7 +548,11 @@ def _log_to(options: dict[str, Any]) -> None:
     path = Path(options["log_file"])
     sys.stdout.flush()
     sys.stderr.flush()
-    redirect_output(path)
+    try:
+        redirect_output(path)
+    except OSError as e:  # an unwritable log folder must not stop the model from loading
+        print(f"worker: cannot write {path} ({e}); logging to stderr", file=sys.stderr)
+        return
     handler = WorkerLogHandler(path, int(options.get("log_max_bytes") or WORKER_LOG_BYTES))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from config.settings import load_settings
 from config.store import Store
 from gateway.requestlog import RequestLog, RequestRecord
 from tests.conftest import NO_EOS, Models
-from tests.server import ROOT, Server, start_server
+from tests.server import ROOT, Server, free_port, start_server
 from tests.test_cli import as_json, cli
 from tests.test_mcp import call, error
 
@@ -86,6 +87,25 @@ def row(server: Server, request_id: str) -> dict[str, Any]:
 
 def rid(name: str) -> dict[str, Any]:
     return {"extra_headers": {"x-request-id": name}}
+
+
+@contextmanager
+def running_cli(server: Server, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A CLI command that runs until Ctrl-C (--watch, --follow): it must then exit cleanly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **cli_env(server)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 # /metrics -------------------------------------------------------------------------------------
@@ -199,25 +219,13 @@ def test_gauges_ps_and_cancelled_request_while_a_stream_runs(srv: Server) -> Non
 
 
 def test_ps_watch_redraws_until_interrupted(srv: Server) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "ps", "--watch", "--interval", "0.2"],
-        cwd=ROOT,
-        env={**os.environ, **cli_env(srv)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    try:
+    with running_cli(srv, "ps", "--watch", "--interval", "0.2") as proc:
+        assert proc.stdout is not None
         headers = 0
         deadline = time.monotonic() + 60
         while headers < 3 and time.monotonic() < deadline:
             headers += "every 0.2s" in proc.stdout.readline()
         assert headers == 3
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 # The request log -------------------------------------------------------------------------------
@@ -321,16 +329,8 @@ def test_request_ids_and_structured_log_lines(srv: Server) -> None:
 
 
 def test_logs_follow_prints_new_requests(srv: Server) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "logs", "--follow", "--json", "-n", "1"],
-        cwd=ROOT,
-        env={**os.environ, **cli_env(srv)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    try:
+    with running_cli(srv, "logs", "--follow", "--json", "-n", "1") as proc:
+        assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())  # the newest row so far
         assert first["id"] > 0
         sdk(srv).chat.completions.create(
@@ -338,10 +338,6 @@ def test_logs_follow_prints_new_requests(srv: Server) -> None:
         )
         followed = json.loads(proc.stdout.readline())
         assert followed["request_id"] == "t-follow" and followed["status"] == 200
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 # Per-worker logs -------------------------------------------------------------------------------
@@ -401,16 +397,8 @@ def test_failed_load_leaves_its_traceback(srv: Server) -> None:
 
 def test_worker_log_follow(srv: Server) -> None:
     sdk(srv).chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "logs", "--model", "tiny-a", "-f", "-n", "1"],
-        cwd=ROOT,
-        env={**os.environ, **cli_env(srv)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    try:
+    with running_cli(srv, "logs", "--model", "tiny-a", "-f", "-n", "1") as proc:
+        assert proc.stdout is not None
         proc.stdout.readline()  # the last line so far
         httpx.post(srv.url + "/admin/unload", json={"model": "tiny-a"}, timeout=30)
         deadline = time.monotonic() + 30
@@ -418,10 +406,6 @@ def test_worker_log_follow(srv: Server) -> None:
         while "stopping" not in seen and time.monotonic() < deadline:
             seen += proc.stdout.readline()
         assert "stopping worker pid" in seen and "unloaded on request" in seen
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 # Keys, usage, retention, content ---------------------------------------------------------------
@@ -429,7 +413,7 @@ def test_worker_log_follow(srv: Server) -> None:
 
 def test_usage_stats_per_model_and_key(models: Models, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = models.env(home)
+    env = models.env(home, max_loaded_models="1")  # each switch of model evicts the other
     keys = {n: as_json(env, "keys", "create", "--name", n)["key"] for n in ("alice", "bob")}
     server = start_server(home, env)
     try:
@@ -478,6 +462,12 @@ def test_usage_stats_per_model_and_key(models: Models, tmp_path: Path) -> None:
         samples = scrape(server, {"Authorization": f"Bearer {keys['bob']}"})
         mcp_chat = {"model": "tiny-a", "endpoint": "mcp:chat", "status": "200"}
         assert value(samples, "mlx_manager_requests_total", **mcp_chat) == 1
+        # tiny-a, then tiny-b (evicting tiny-a), then tiny-a again (evicting tiny-b).
+        assert value(samples, "mlx_manager_model_evictions_total", model="tiny-a") == 1
+        assert value(samples, "mlx_manager_model_evictions_total", model="tiny-b") == 1
+        assert value(samples, "mlx_manager_model_loads_total", model="tiny-a") == 2
+        evicted = keyed(url, keys["bob"], "worker_logs", model="tiny-b")["lines"]
+        assert any("stopping worker pid" in x and "evicted to make room" in x for x in evicted)
         log = (home / "logs" / "mlx-manager.log").read_text()
         assert "key=alice" in log and "key=bob" in log
         assert keys["alice"] not in log and keys["bob"] not in log
@@ -513,6 +503,11 @@ def test_request_log_off_writes_nothing(tmp_path: Path) -> None:
         assert len(store.requests(since=None)) == expected
         store.db.execute("DELETE FROM requests")
         store.db.conn.commit()
+    # Without a server the CLI reads the database itself, and says why it is empty.
+    env = {"MLX_MANAGER_HOME": str(tmp_path), "MLX_MANAGER_PORT": str(free_port())}
+    shown = cli({**env, "MLX_MANAGER_LOG_RETENTION": "0"}, "logs")
+    assert shown.returncode == 0 and "the request log is off" in shown.stdout, shown.stderr
+    assert cli(env, "logs").stdout.strip() == "(none)"
 
 
 def test_retention_and_content(models: Models, tmp_path: Path) -> None:
@@ -569,6 +564,14 @@ def test_retention_and_content(models: Models, tmp_path: Path) -> None:
             timeout=60,
             what="row-count pruning",
         )
+        # keep_alive 0: unloaded as soon as the request ends, counted as an idle unload.
+        client.chat.completions.create(
+            model="tiny-a", messages=HELLO, max_tokens=1, extra_body={"keep_alive": 0}
+        )
+        server.wait_for(lambda: server.worker("tiny-a") is None, what="tiny-a to unload")
+        samples = scrape(server)
+        assert value(samples, "mlx_manager_model_idle_unloads_total", model="tiny-a") == 1
+        assert value(samples, "mlx_manager_model_evictions_total", model="tiny-a") == 0
         # MLX_MANAGER_LOG_FORMAT=json: each log line is a JSON object with the fields.
         lines = (home / "logs" / "mlx-manager.log").read_text().splitlines()
         entries = [json.loads(x) for x in lines]
