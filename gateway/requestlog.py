@@ -34,6 +34,7 @@ FLUSH_SECONDS = 0.25
 MAX_PENDING = 10_000  # rows waiting for the disk; beyond, the oldest are dropped (and said so)
 
 
+# Row fields that the server's log line carries too, after its id, path, status and model.
 LOGGED = (
     "finish_reason",
     "prompt_tokens",
@@ -51,6 +52,8 @@ def new_request_id() -> str:
 
 @dataclass(eq=False)
 class RequestRecord:
+    """What one request asked for and how it went; `endpoint` is its path, or `mcp:chat`."""
+
     endpoint: str
     method: str = "POST"
     request_id: str = field(default_factory=new_request_id)
