@@ -581,3 +581,18 @@ def test_retention_and_content(models: Models, tmp_path: Path) -> None:
         assert "prompt" not in access  # content goes to the request log only
     finally:
         server.stop()
+
+
+def test_a_model_loads_when_its_log_cannot_be_written(models: Models, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "logs").mkdir(parents=True)
+    (home / "logs" / "workers").write_text("a file where the worker logs' folder should be")
+    server = start_server(home, models.env(home))
+    try:
+        answer = sdk(server).chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=2)
+        assert answer.choices[0].finish_reason in ("length", "stop")
+        r = httpx.get(server.url + "/admin/logs/tiny-a")
+        assert r.status_code == 404 and "No worker log" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+    assert "cannot write" in server.log.read_text()  # the worker said where its log went
