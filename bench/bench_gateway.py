@@ -189,7 +189,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         server = start_server(
             Path(home) / "home",
-            {"MLX_MANAGER_MODEL_DIRS": str(args.models), "HF_HUB_CACHE": str(Path(home) / "hf")},
+            {
+                "MLX_MANAGER_MODEL_DIRS": str(args.models),
+                "HF_HUB_CACHE": str(Path(home) / "hf"),
+                # The rounds repeat one prompt: with the prompt cache the gateway would skip the
+                # prefill that the in-process baseline does (bench_prompt_cache.py measures that).
+                "MLX_MANAGER_PROMPT_CACHE_BYTES": "0",
+            },
         )
         try:
             client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=600)

@@ -5,7 +5,8 @@ while a loaded worker is SIGKILLed at random intervals.
 It reports requests sent, succeeded, failed with a clean error (an OpenAI error body: 503 for
 a killed worker, 429 for a full queue), hung (no answer within --hang seconds: must be 0),
 server errors other than 503 (must be 0), connection errors, and the gateway's RSS over time
-with its trend after warm-up. Exit status 1 when a must-be-zero count is not zero.
+with its trend after warm-up, and what the request log and /metrics counted. Exit status 1
+when a must-be-zero count is not zero or the request log and metrics disagree.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--max-requests 100000] [--clients 8]
 """
@@ -210,6 +211,7 @@ def main() -> int:
             tally = asyncio.run(soak(server, args))
             health = httpx.get(server.url + "/health", timeout=30).status_code
             workers = httpx.get(server.url + "/admin/workers", timeout=30).json()["data"]
+            logged = records(server)
         finally:
             kept = Path(tempfile.gettempdir()) / "mlx-manager-soak-server.log"
             kept.write_bytes(server.log.read_bytes())
@@ -241,12 +243,34 @@ def main() -> int:
         "rss_trend_after_first_minute_mib_per_min": round(slope_mib_per_min(warm), 3),
         "health_after": health,
         "loaded_after": loaded,
+        **logged,
     }
     print(json.dumps(report, indent=2))
     for line in tally.bad:
         print("  ", line)
     must_be_zero = o["hung"] + o["server_error"] + o["malformed"] + o["connection_error"]
-    return 1 if must_be_zero or health != 200 or len(loaded) > 2 else 0
+    # Every request that reached the server has its row and its count, and the two agree.
+    unrecorded = sent - logged["request_log_rows"]
+    consistent = logged["request_log_rows"] == logged["metrics_requests_total"]
+    if must_be_zero or health != 200 or len(loaded) > 2 or not consistent:
+        return 1
+    return 1 if unrecorded > o["abandoned"] else 0
+
+
+def records(server: Server) -> dict[str, int]:
+    """What the request log and /metrics say was served, to hold against what was sent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    usage = httpx.get(server.url + "/admin/usage", params={"by": "total"}, timeout=30).json()
+    families = text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=30).text)
+    counted = sum(
+        s.value for f in families for s in f.samples if s.name == "mlx_manager_requests_total"
+    )
+    return {
+        "request_log_rows": usage["total"]["requests"],
+        "request_log_cancelled": usage["total"]["cancelled"],
+        "metrics_requests_total": int(counted),
+    }
 
 
 if __name__ == "__main__":
