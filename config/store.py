@@ -275,7 +275,7 @@ class Store:
         order = "id" if after_id is not None else "id DESC"
         columns = REQUEST_COLUMNS + (", prompt, completion" if content else "")
         sql = f"SELECT {columns} FROM requests WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
-        rows = [dict(r) for r in self._rows(sql, [*args, limit])]
+        rows = list(self._rows(sql, [*args, limit]))
         for r in rows:
             r["stream"] = bool(r["stream"])
         return rows
@@ -304,7 +304,6 @@ class Store:
         """
         rows = []
         for r in self._rows(sql, [since or ""]):
-            r = dict(r)
             decoded, ms = r.pop("decoded_tokens"), r.pop("decode_ms")
             r["tokens_per_second"] = round(decoded / (ms / 1000), 1) if decoded and ms else None
             rows.append(r)

@@ -185,9 +185,8 @@ class RequestLog:
         """Queue a finished record's row() for the database."""
         if not self.enabled:
             return
-        row = dict(row)
-        if not self.content:
-            row["prompt"] = row["completion"] = None
+        if not self.content and (row["prompt"] is not None or row["completion"] is not None):
+            row = {**row, "prompt": None, "completion": None}  # never stored unless asked
         with self._progress:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.popleft()
