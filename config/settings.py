@@ -40,6 +40,9 @@ class Settings:
     default_max_tokens: int | None = None
     # Seconds a worker may take to load a model before the load counts as failed.
     load_timeout: float = 600.0
+    # Seconds a worker may go without a heartbeat (sent every second, even through a long
+    # prefill) before it counts as hung: it is killed and its requests get 503. 0: never.
+    worker_stall_timeout: float = 30.0
     # Decode batch size of each worker's BatchGenerator (continuous batching width).
     batch_size: int = 32
     log_level: str = "info"
@@ -211,7 +214,7 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name in ("load_timeout", "idle_ttl"):
+    if name in ("load_timeout", "idle_ttl", "worker_stall_timeout"):
         seconds = parse_duration(value)
         if seconds is None or seconds < 0:
             raise ValueError

@@ -11,13 +11,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from gateway import logs
-from gateway.errors import ModelUnavailable
+from gateway.errors import InvalidRequest, ModelUnavailable
 from gateway.hub import LocalModel
+from gateway.pipe import LoopPipe
 
 log = logging.getLogger("mlx_manager.worker")
 _rids = itertools.count()
@@ -39,7 +41,7 @@ class WorkerProcess:
             stdout=2,
         )
         theirs.close()  # so the socket reports EOF when the worker exits
-        self.conn = Connection(ours.detach())
+        self.pipe = LoopPipe(ours)
 
     @property
     def alive(self) -> bool:
@@ -48,11 +50,11 @@ class WorkerProcess:
     @property
     def warm(self) -> bool:
         """Its imports are done: its "warm" message waits to be read."""
-        return self.alive and self.conn.poll()
+        return self.alive and self.pipe.readable()
 
     def discard(self) -> None:
         """Close our end (the worker then exits on its own) and make sure it does."""
-        self.conn.close()
+        self.pipe.close()
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -66,6 +68,7 @@ class WorkerHandle:
         model: LocalModel,
         options: dict[str, Any],
         on_exit: Callable[[WorkerHandle], None] | None = None,
+        stall_timeout: float = 0.0,
     ) -> None:
         self.model = model
         self.options = options
@@ -78,11 +81,19 @@ class WorkerHandle:
         self._rate_mark: tuple[float, int] | None = None  # (when, generated_tokens) to measure from
         self.log_file = Path(options["log_file"]) if options.get("log_file") else None
         self.error: str | None = None
+        # A worker that sends nothing (not even its heartbeat) for this long is hung: stopped,
+        # deadlocked or swapped out. 0: never judged so.
+        self.stall_timeout = stall_timeout
+        self.stalled = False
+        self.heard = time.monotonic()  # when the worker last sent anything
         self._sinks: dict[str, Sink] = {}
         self._ready: asyncio.Future[None] | None = None
-        self._conn: Connection | None = None
+        self._pipe: LoopPipe | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._ps: psutil.Process | None = None
+        self._cpu_mark: float | None = None  # the silent worker's CPU time at the last look
 
     @property
     def pid(self) -> int | None:
@@ -92,18 +103,24 @@ class WorkerHandle:
     def in_flight(self) -> int:
         return len(self._sinks)
 
+    @property
+    def silent_seconds(self) -> float:
+        return time.monotonic() - self.heard
+
     async def start(self, timeout: float, process: WorkerProcess | None = None) -> None:
         """Load the model in `process` (a warm one) or a new one, and wait until it is ready
         (ModelUnavailable if it fails)."""
         process = process if process is not None and process.alive else WorkerProcess()
-        self._proc, self._conn = process.popen, process.conn
+        self._proc, self._pipe = process.popen, process.pipe
         if self.log_file is not None:
             logs.rotate(self.log_file)
             self._log(f"starting worker pid {self.pid} for {self.model.path}")
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
-        self._conn.send(("load", str(self.model.path), self.options))
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self.heard = time.monotonic()
+        self._pipe.attach(self._loop, self._dispatch_all, self._on_eof)
+        self._pipe.send(("load", str(self.model.path), self.options))
+        self._watch()
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except TimeoutError:
@@ -113,31 +130,36 @@ class WorkerHandle:
             ) from None
 
     def submit(self, req: dict[str, Any], sink: Sink) -> str:
-        if self.state != "ready" or self._conn is None:
+        if self.state != "ready" or self._pipe is None:
             raise ModelUnavailable(f"Model '{self.model.id}' is not loaded (state {self.state}).")
         rid = f"r{next(_rids)}"
+        try:
+            self._pipe.send(("gen", rid, req))
+        except OSError:
+            raise ModelUnavailable(
+                f"Model '{self.model.id}' is unavailable: its worker has gone. Retry the request."
+            ) from None
+        except Exception as e:  # nothing was queued: the pipe and the worker are unharmed
+            raise InvalidRequest(
+                f"The request could not be passed to the model's worker: {type(e).__name__}."
+            ) from None
         self._sinks[rid] = sink
-        self._conn.send(("gen", rid, req))
         return rid
 
     def cancel(self, rid: str) -> None:
         """Stop generating for a request whose client went away."""
-        if self._sinks.pop(rid, None) is not None and self.state == "ready" and self._conn:
+        if self._sinks.pop(rid, None) is not None and self.state == "ready" and self._pipe:
             try:
-                self._conn.send(("cancel", rid))
+                self._pipe.send(("cancel", rid))
             except OSError:
                 pass
 
     # Events from the worker -----------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        try:
-            while conn.poll():
-                self._dispatch(conn.recv())
-        except (EOFError, OSError):
-            self._on_exit()
+    def _dispatch_all(self, messages: list[Any]) -> None:
+        self.heard = time.monotonic()
+        for msg in messages:
+            self._dispatch(msg)
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, list):  # one decode step's events
@@ -155,8 +177,8 @@ class WorkerHandle:
                 if tag in ("f", "e"):
                     del sinks[ev[1]]
                 sink(ev)
-        elif msg[0] == "warm":
-            pass  # imports done; the load message is already on its way
+        elif msg[0] in ("hb", "warm"):
+            pass  # alive (the heartbeat); imports done (the load message is on its way)
         elif msg[0] == "ready":
             self.info = msg[1]
             self.state = "ready"
@@ -168,17 +190,71 @@ class WorkerHandle:
             log.error("worker for %s failed to load: %s%s", self.model.id, msg[1], where)
             self._fail(f"failed to load: {msg[1]}")
 
-    def _on_exit(self) -> None:
-        code = None
-        if self._proc is not None:
-            try:
-                code = self._proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.state in ("loading", "ready"):
+    def _on_eof(self) -> None:
+        """The worker closed its end: it exited (or is exiting). Its exit status names the
+        cause; reaping it is left to a thread so the loop never waits on a process."""
+        if self.state not in ("loading", "ready"):
+            return
+        proc = self._proc
+
+        async def reap() -> None:
+            code = None
+            if proc is not None:
+                try:
+                    code = await asyncio.to_thread(proc.wait, 1)
+                except subprocess.TimeoutExpired:
+                    pass
             self._fail(f"the worker process exited unexpectedly ({logs.exit_description(code)})")
+
+        assert self._loop is not None
+        self._loop.create_task(reap())
+
+    # Hung workers ---------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Check every quarter of the stall timeout that the worker still speaks. Its
+        heartbeat thread beats through MLX's computations (MLX releases the GIL), so silence
+        means the process cannot run (stopped, deadlocked) or holds the GIL in native code (a
+        tokenizer on a huge prompt): the second uses CPU time and is left alone; the first is
+        killed and its requests fail with 503."""
+        self._watchdog = None
+        if self.stall_timeout <= 0 or self.state not in ("loading", "ready") or not self._loop:
+            return
+        if self._pipe is not None:
+            self._pipe.read_ready()  # what arrived while the loop itself was busy counts
+        silent = self.silent_seconds
+        if silent <= self.stall_timeout:
+            self._cpu_mark = None
         else:
-            self._close_pipe()
+            hung = self._hung()
+            if hung:
+                self.stalled = True
+                self._fail(
+                    f"the worker stopped answering ({hung}, no heartbeat for {silent:.0f}s; "
+                    f"MLX_MANAGER_WORKER_STALL_TIMEOUT={self.stall_timeout:g}s); it was killed"
+                )
+                return
+        self._watchdog = self._loop.call_later(max(0.05, self.stall_timeout / 4), self._watch)
+
+    def _hung(self) -> str | None:
+        """Why a silent worker is hung, or None while it still computes."""
+        try:
+            if self._ps is None:
+                assert self.pid is not None
+                self._ps = psutil.Process(self.pid)
+            status = self._ps.status()
+            if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                return "its process is stopped"
+            if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return "its process has exited"
+            times = self._ps.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            return "its process has gone"
+        previous, self._cpu_mark = self._cpu_mark, cpu
+        if previous is not None and cpu <= previous:
+            return "it uses no CPU"
+        return None  # busy, or the first look: judge at the next one
 
     def _measure_rate(self, active: int, generated: int) -> None:
         """Tokens per second from the worker's reports (at least twice a second while it
@@ -203,6 +279,7 @@ class WorkerHandle:
         """The worker is gone or unusable: fail everything waiting on it, exactly once."""
         if self.state in ("failed", "stopped"):
             return
+        self._stop_watching()
         log.warning("worker for %s: %s", self.model.id, reason)
         self._log(f"worker pid {self.pid} failed: {reason}")
         self.state, self.error = "failed", reason
@@ -214,16 +291,23 @@ class WorkerHandle:
         for rid, sink in sinks.items():
             sink(("e", rid, "ModelUnavailable", message))
         self._close_pipe()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
+            if self._loop is not None:
+                self._loop.run_in_executor(None, proc.wait)  # reap it off the loop
         if self.on_exit is not None:
             self.on_exit(self)
 
+    def _stop_watching(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
     def _close_pipe(self) -> None:
-        if self._conn is not None and self._loop is not None:
-            self._loop.remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
 
     async def stop(self, reason: str = "it was unloaded", timeout: float = 5.0) -> None:
         """Ask the worker to exit, wait for it, and kill it if it does not. Requests still
@@ -231,6 +315,7 @@ class WorkerHandle:
         if self.state == "stopped":
             return
         was_failed = self.state == "failed"
+        self._stop_watching()
         if not was_failed:
             self._log(f"stopping worker pid {self.pid}: {reason}")
         self.state = "stopped"
@@ -244,9 +329,9 @@ class WorkerHandle:
                     f"Model '{self.model.id}' stopped before finishing: {reason}.",
                 )
             )
-        if self._conn is not None and not was_failed:
+        if self._pipe is not None and not was_failed:
             try:
-                self._conn.send(("stop",))
+                self._pipe.send(("stop",))
             except OSError:
                 pass
         proc = self._proc

@@ -112,6 +112,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.stalls = Counter(
+            "mlx_manager_worker_stalls",
+            "Workers killed because they stopped answering (no heartbeat within "
+            "MLX_MANAGER_WORKER_STALL_TIMEOUT: stopped, deadlocked).",
+            ["model"],
+            registry=r,
+        )
 
         self._series: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
@@ -175,6 +182,10 @@ class PoolCollector(Collector):
         memory = gauge("model_memory_bytes", "Memory a model counts against the budget.")
         rss = gauge("worker_resident_memory_bytes", "Resident memory of a model's worker process.")
         rate = gauge("model_tokens_per_second", "A model's decode throughput over its last report.")
+        silent = gauge(
+            "worker_silent_seconds",
+            "Seconds since a model's worker last spoke (it beats every second while it runs).",
+        )
         loaded = 0
         for slot in list(pool.slots.values()):
             model = slot.model.id
@@ -188,12 +199,14 @@ class PoolCollector(Collector):
             memory.add_metric([model], slot.memory)
             handle = slot.handle
             rate.add_metric([model], handle.tokens_per_second if handle else 0.0)
+            if handle is not None:
+                silent.add_metric([model], handle.silent_seconds)
             if handle is not None and handle.pid is not None:
                 try:
                     rss.add_metric([model], psutil.Process(handle.pid).memory_info().rss)
                 except psutil.Error:
                     pass  # it exited between the two looks
-        yield from (state, in_flight, queue, memory, rss, rate)
+        yield from (state, in_flight, queue, memory, rss, rate, silent)
         yield GaugeMetricFamily(
             "mlx_manager_models_loaded", "Models loaded and ready.", value=loaded
         )

@@ -97,6 +97,7 @@ class Slot:
     served: int = 0
     loads: int = 0
     crashes: int = 0
+    stalls: int = 0  # times its worker stopped answering and was killed
     error: str | None = None
     estimator: MemoryEstimate = field(default_factory=MemoryEstimate, repr=False)
 
@@ -348,6 +349,8 @@ class ModelPool:
             "batch_size": self.settings.batch_size,
             "prompt_cache_bytes": self.settings.prompt_cache_limit_bytes,
             "log_file": str(worker_log_path(self.settings.logs_dir, model.id)),
+            # Several beats fit in the stall timeout, so one late beat is never a stall.
+            "heartbeat_seconds": min(1.0, (self.settings.worker_stall_timeout or 4.0) / 4),
         }
 
     async def generate(
@@ -435,7 +438,10 @@ class ModelPool:
                 slot.state, slot.error = "loading", None
                 slot.loads += 1
                 handle = WorkerHandle(
-                    slot.model, self._worker_options(slot.model), self._on_worker_exit
+                    slot.model,
+                    self._worker_options(slot.model),
+                    self._on_worker_exit,
+                    self.settings.worker_stall_timeout,
                 )
                 slot.handle = handle
             started = time.perf_counter()
@@ -456,6 +462,9 @@ class ModelPool:
                 )
             )
             self.metrics.load_failures.labels(slot.model.id).inc()
+            if failed is not None and failed.stalled:
+                slot.stalls += 1
+                self.metrics.stalls.labels(slot.model.id).inc()
             self._fail_waiters(slot, err)
             if failed is not None:
                 await failed.stop("its load failed")
@@ -585,8 +594,12 @@ class ModelPool:
         """A worker died on its own (killed, out of memory): forget it, keep the pool exact."""
         for slot in self.slots.values():
             if slot.handle is handle and slot.state in ("ready", "draining"):
-                slot.crashes += 1
-                self.metrics.crashes.labels(slot.model.id).inc()
+                if handle.stalled:
+                    slot.stalls += 1
+                    self.metrics.stalls.labels(slot.model.id).inc()
+                else:
+                    slot.crashes += 1
+                    self.metrics.crashes.labels(slot.model.id).inc()
                 slot.state, slot.handle, slot.loaded_at = "failed", None, None
                 slot.error = handle.error
                 self._cancel_ttl(slot)
@@ -710,6 +723,9 @@ class ModelPool:
             "requests_served": slot.served,
             "loads": slot.loads,
             "crashes": slot.crashes,
+            "stalls": slot.stalls,
+            # Seconds since the worker last spoke (its heartbeat comes every second).
+            "silent_seconds": round(handle.silent_seconds, 3) if handle else None,
             "worker_active": handle.worker_active if handle else 0,
             "generated_tokens": handle.generated_tokens if handle else 0,
             "tokens_per_second": round(handle.tokens_per_second, 1) if handle else 0.0,

@@ -12,23 +12,25 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from gateway.channels import ChannelSplitter, Markers
 from gateway.hub import context_length_of
 from gateway.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
+from gateway.pipe import WorkerPipe
 
 log = logging.getLogger("mlx_manager.worker")
 
 KEY = "model"  # the prompt cache's model key: a worker serves one model
 REPORT_SECONDS = 0.5
+HEARTBEAT_SECONDS = 1.0  # the gateway judges a worker hung by this beat's absence
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Engine:
         self,
         model: Any,
         tokenizer: Any,
-        conn: Connection,
+        conn: WorkerPipe,
         context_length: int,
         batch_size: int,
         vocab_size: int,
@@ -560,9 +562,26 @@ def _log_to(options: dict[str, Any]) -> None:
     faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
-def serve(conn: Connection, model_path: str, options: dict[str, Any]) -> None:
+def _start_heartbeat(conn: WorkerPipe, interval: float) -> None:
+    """Tell the gateway this process still runs, from a thread of its own: MLX releases the
+    GIL while it computes, so the beat goes on through a long prefill or load, and stops only
+    when the process cannot run at all (stopped, deadlocked, swapped out)."""
+
+    def beat() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                conn.send(("hb",))
+            except OSError:
+                return  # the gateway went away; the main thread finds out too
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
     """Load the model, say so, then generate until told to stop or the gateway goes away."""
     _log_to(options)
+    _start_heartbeat(conn, float(options.get("heartbeat_seconds") or HEARTBEAT_SECONDS))
     log.info("loading %s (pid %d)", model_path, os.getpid())
     started = time.perf_counter()
     try:
@@ -618,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway.worker")
     parser.add_argument("--fd", type=int, required=True, help="socket inherited from the gateway")
     args = parser.parse_args(argv)
-    conn = Connection(args.fd)
+    conn = WorkerPipe(args.fd)
     try:
         import mlx.core  # noqa: F401
         import mlx_lm.generate  # noqa: F401
