@@ -1,6 +1,9 @@
 """Soak and chaos run (not a test), on the loopback interface only: 3 tiny models with room for 2,
 8 clients mixing streamed, non-streamed and abandoned requests for a bounded time and count,
-while a loaded worker is SIGKILLed at random intervals.
+some of them large (300 KB-1 MB prompts or stop strings) and some naming their model by a
+variant of its absolute path (`..`, `//`, `.`), while a loaded worker is SIGKILLed, or
+SIGSTOPped and SIGCONTed a while later (longer than the stall timeout: the gateway must kill it
+itself), at random intervals.
 
 It reports requests sent, succeeded, failed with a clean error (an OpenAI error body: 503 for
 a killed worker, 429 for a full queue), hung (no answer within --hang seconds: must be 0),
@@ -38,12 +41,18 @@ from tests.server import Server, start_server  # noqa: E402
 MODELS = ["soak-a", "soak-b", "soak-c"]
 
 
+STALL_TIMEOUT = 5.0  # the server's MLX_MANAGER_WORKER_STALL_TIMEOUT in this run
+
+
 @dataclass
 class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)  # normal / large / path-named requests
     bad: list[str] = field(default_factory=list)  # details of hung / 5xx / malformed
     kills: int = 0
+    stops: int = 0  # SIGSTOPs; each is followed by a SIGCONT
+    max_workers: int = 0  # live worker processes chaos saw at once (path variants must share)
     states: Counter[str] = field(default_factory=Counter)  # worker states chaos saw
     rss: list[tuple[float, int]] = field(default_factory=list)
 
@@ -63,18 +72,43 @@ def _clean_error(status: int, body: bytes) -> bool:
     return isinstance(error.get("message"), str) and bool(error["message"])
 
 
+def model_name(rng: random.Random, folder: Path, model: str) -> tuple[str, str]:
+    """The model's id, or (one request in ten) a variant of its folder's absolute path."""
+    if rng.random() >= 0.1:
+        return "normal", model
+    variants = [
+        f"{folder}/../{folder.name}/{model}",
+        f"/{folder}/{model}",
+        f"{folder}/./{model}",
+        f"{folder}//{model}/",
+    ]
+    return "path", rng.choice(variants)
+
+
+def large_body(rng: random.Random, body: dict[str, object]) -> dict[str, object]:
+    """Far larger than a socket buffer: a 300 KB-1 MB prompt (refused for the context, after
+    the worker has read it) or stop strings as large (served)."""
+    size = rng.randint(300_000, 1_000_000)
+    if rng.random() < 0.5:
+        return {**body, "messages": [{"role": "user", "content": "soak " * (size // 5)}]}
+    return {**body, "stop": [f"{i}" + "z" * (size // 4) for i in range(4)]}
+
+
 async def one_request(
-    http: httpx.AsyncClient, rng: random.Random, tally: Tally, hang: float
+    http: httpx.AsyncClient, rng: random.Random, tally: Tally, hang: float, folder: Path
 ) -> None:
-    model = rng.choice(MODELS)
+    kind, model = model_name(rng, folder, rng.choice(MODELS))
     mode = rng.choices(["stream", "plain", "abandon"], weights=[4, 4, 2])[0]
-    body = {
+    body: dict[str, object] = {
         "model": model,
         "messages": [{"role": "user", "content": f"soak {rng.random()}"}],
         "max_tokens": rng.randint(4, 96),
         "temperature": rng.choice([0, 0.7, 1.0]),
         "stream": mode != "plain",
     }
+    if rng.random() < 0.04:
+        kind, body = "large", large_body(rng, body)
+    tally.kinds[kind] += 1
     try:
         async with asyncio.timeout(hang):
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -116,18 +150,25 @@ async def one_request(
 
 
 async def client(
-    url: str, rng: random.Random, tally: Tally, stop: float, budget: list[int], hang: float
+    url: str,
+    rng: random.Random,
+    tally: Tally,
+    stop: float,
+    budget: list[int],
+    hang: float,
+    folder: Path,
 ) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=None) as http:
         while time.monotonic() < stop and budget[0] > 0:
             budget[0] -= 1
-            await one_request(http, rng, tally, hang)
+            await one_request(http, rng, tally, hang, folder)
 
 
 async def chaos(
     server: Server, rng: random.Random, tally: Tally, stop: float, every: tuple[float, float]
 ) -> None:
-    """SIGKILL a random live worker every few seconds."""
+    """SIGKILL a random live worker every few seconds, or (one time in three) SIGSTOP it and
+    SIGCONT it after 1-10 s: past the stall timeout the gateway has killed it by then."""
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         while time.monotonic() < stop:
             await asyncio.sleep(rng.uniform(*every))
@@ -139,12 +180,28 @@ async def chaos(
             # Any live worker: one that is generating, loading or draining.
             pids = [w["pid"] for w in workers if w["pid"]]
             tally.states.update(w["state"] for w in workers)
+            tally.max_workers = max(tally.max_workers, len(pids))
             if pids:
+                pid = rng.choice(pids)
                 try:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
-                    tally.kills += 1
+                    if rng.random() < 1 / 3:
+                        os.kill(pid, signal.SIGSTOP)
+                        tally.stops += 1
+                        asyncio.get_running_loop().call_later(
+                            rng.uniform(1, 2 * STALL_TIMEOUT), _resume, pid
+                        )
+                    else:
+                        os.kill(pid, signal.SIGKILL)
+                        tally.kills += 1
                 except ProcessLookupError:
                     pass
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # the gateway killed it for not answering
 
 
 async def sample_rss(pid: int, tally: Tally, stop: float, started: float) -> None:
@@ -166,14 +223,14 @@ def slope_mib_per_min(points: list[tuple[float, int]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den
 
 
-async def soak(server: Server, args: argparse.Namespace) -> Tally:
+async def soak(server: Server, args: argparse.Namespace, folder: Path) -> Tally:
     rng = random.Random(args.seed)
     tally = Tally()
     started = time.monotonic()
     stop = started + args.minutes * 60
     budget = [args.max_requests]
     tasks = [
-        client(server.url, random.Random(rng.random()), tally, stop, budget, args.hang)
+        client(server.url, random.Random(rng.random()), tally, stop, budget, args.hang, folder)
         for _ in range(args.clients)
     ]
     tasks.append(
@@ -205,10 +262,11 @@ def main() -> int:
             "MLX_MANAGER_MODEL_DIRS": str(root / "models"),
             "HF_HUB_CACHE": str(root / "hf"),
             "MLX_MANAGER_MAX_LOADED_MODELS": "2",
+            "MLX_MANAGER_WORKER_STALL_TIMEOUT": str(STALL_TIMEOUT),
         }
         server = start_server(root / "home", env)  # binds 127.0.0.1 only
         try:
-            tally = asyncio.run(soak(server, args))
+            tally = asyncio.run(soak(server, args, root / "models"))
             health = httpx.get(server.url + "/health", timeout=30).status_code
             workers = httpx.get(server.url + "/admin/workers", timeout=30).json()["data"]
             logged = records(server)
@@ -235,7 +293,11 @@ def main() -> int:
         "malformed": o["malformed"],
         "connection_errors": o["connection_error"],
         "statuses": dict(sorted(tally.statuses.items())),
+        "requests_by_kind": dict(tally.kinds),
         "workers_killed": tally.kills,
+        "workers_stopped_and_continued": tally.stops,
+        "most_worker_processes_at_once": tally.max_workers,
+        "worker_slots_after": len(workers),
         "worker_states_seen_by_chaos": dict(tally.states),
         "rss_start_mib": round(rss_start / 2**20, 1),
         "rss_end_mib": round(rss_end / 2**20, 1),
@@ -252,7 +314,9 @@ def main() -> int:
     # Every request that reached the server has its row and its count, and the two agree.
     unrecorded = sent - logged["request_log_rows"]
     consistent = logged["request_log_rows"] == logged["metrics_requests_total"]
-    if must_be_zero or health != 200 or len(loaded) > 2 or not consistent:
+    # Path variants share their model's worker: never more slots than models.
+    one_per_model = len(workers) <= len(MODELS) and logged["metric_model_labels"] <= len(MODELS)
+    if must_be_zero or health != 200 or len(loaded) > 2 or not consistent or not one_per_model:
         return 1
     return 1 if unrecorded > o["abandoned"] else 0
 
@@ -263,10 +327,11 @@ def records(server: Server) -> dict[str, int]:
 
     usage = httpx.get(server.url + "/admin/usage", params={"by": "total"}, timeout=30).json()
     families = text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=30).text)
-    counted = sum(
-        s.value for f in families for s in f.samples if s.name == "mlx_manager_requests_total"
-    )
+    samples = [s for f in families for s in f.samples]
+    counted = sum(s.value for s in samples if s.name == "mlx_manager_requests_total")
+    labels = {s.labels["model"] for s in samples if s.labels.get("model")}
     return {
+        "metric_model_labels": len(labels),
         "request_log_rows": usage["total"]["requests"],
         "request_log_cancelled": usage["total"]["cancelled"],
         "metrics_requests_total": int(counted),
