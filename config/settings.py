@@ -53,6 +53,8 @@ class Settings:
     preload: list[str] = field(default_factory=list)  # loaded at startup and pinned
     max_queue: int = 256  # requests waiting per model before 429
     allowed_models: list[str] = field(default_factory=list)  # glob patterns; empty: all
+    # Serve a `model` given as an absolute path outside the model folders and the HF cache.
+    allow_any_path: bool = False
     hf_organization: str = ""  # default author filter of model search; empty: all
     warm_spare: bool = True  # keep one worker process with MLX imported, for fast cold loads
     # Access (gateway/keys.py). A key here works like one made by `mlx-manager keys create`.
@@ -233,7 +235,7 @@ def _coerce(name: str, value: Any) -> Any:
         if str(value).strip().lower() not in ("text", "json"):
             raise ValueError
         return str(value).strip().lower()
-    if name in ("warm_spare", "insecure_no_auth", "log_content"):
+    if name in ("warm_spare", "insecure_no_auth", "log_content", "allow_any_path"):
         if isinstance(value, bool):
             return value
         flag = str(value).strip().lower()

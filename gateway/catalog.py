@@ -1,17 +1,24 @@
-"""What a request's `model` can name: a profile name or alias, then a local model id, then an
-absolute path to a model folder."""
+"""What a request's `model` can name, and whether it may: a local model id, then a profile name
+or alias, then an absolute path to a model folder; the allow-list then judges the model the
+name resolved to, whatever the name was."""
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
 from config.store import Store
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, PermissionDenied
 from gateway.hub import LocalModel, read_local_model, scan_local_models
+
+# Longer names are not paths here (Linux's PATH_MAX): refused before the OS is asked.
+MAX_PATH = 4096
 
 
 @dataclass(frozen=True)
@@ -21,8 +28,9 @@ class Resolved:
 
     @property
     def key(self) -> str:
-        """What the pool keys workers by: one worker per model folder, shared by its profiles."""
-        return str(self.model.path)
+        """What the pool keys workers (and so metrics) by: one worker per real model folder,
+        however its path is spelled, shared by its profiles."""
+        return self.model.key
 
 
 class Catalog:
@@ -30,11 +38,16 @@ class Catalog:
         self.settings = settings
         self.store = store
         self._models: dict[str, LocalModel] = {}
+        self._by_key: dict[str, LocalModel] = {}  # by real path
         self.refresh()
 
     def refresh(self) -> list[LocalModel]:
         models = scan_local_models(self.settings.hf_cache, self.settings.all_model_dirs())
         self._models = {m.id: m for m in models}
+        by_key: dict[str, LocalModel] = {}
+        for m in models:
+            by_key.setdefault(m.key, m)  # one folder listed twice (a symlink): the first name
+        self._by_key = by_key
         return models
 
     def models(self) -> list[LocalModel]:
@@ -47,23 +60,75 @@ class Catalog:
             model = {m.id: m for m in self.refresh()}.get(model_id)
         return model
 
+    # Names ----------------------------------------------------------------------------------
+
     def resolve(self, name: str) -> Resolved:
-        profile = self._profile(name)
-        if profile is not None:
-            model = self.get(profile["model"])
-            if model is None:
-                raise ModelNotFound(
-                    f"Profile '{profile['name']}' uses model '{profile['model']}', "
-                    "which is not available locally.",
-                    param="model",
-                )
-            return Resolved(model, profile)
-        model = self.get(name)
-        if model is None and Path(name).is_absolute():
-            model = read_local_model(Path(name))
+        """Name -> model (and profile), allow-list enforced. A model's own id wins over a
+        profile name or alias (as of the last scan: profiles cannot take a model's name, but a
+        model can appear on disk later)."""
+        shadowed = name in self._models and self.get(name) is not None
+        profile = None if shadowed else self._profile(name)
+        if profile is None:
+            return Resolved(self.model(name), None)
+        model = self.find(profile["model"])
         if model is None:
+            raise ModelNotFound(
+                f"Profile '{profile['name']}' uses model '{profile['model']}', "
+                "which is not available locally.",
+                param="model",
+            )
+        if not self.allowed(model.id):
+            raise self.forbidden(name, model)
+        return Resolved(model, profile)
+
+    def model(self, name: str) -> LocalModel:
+        """The model a local id or an absolute path names (not a profile), allow-list enforced.
+        A forbidden name is 403 whether or not it exists."""
+        model = self.find(name)
+        if model is None:
+            if not self.allowed(name):
+                raise self.forbidden(name)
             raise ModelNotFound(self._not_found_message(name), param="model")
-        return Resolved(model, None)
+        if not self.allowed(model.id):
+            raise self.forbidden(name, model)
+        return model
+
+    def find(self, name: str, scan: bool = True) -> LocalModel | None:
+        """The model a local id or an absolute path names, or None; `scan`: look on disk again
+        when the last scan does not know an id."""
+        if os.path.isabs(name):
+            return self._by_path(name)
+        return self.get(name) if scan else self._models.get(name)
+
+    def _by_path(self, name: str) -> LocalModel | None:
+        """A model folder named by absolute path, judged by its real path, so that `..`, `//`
+        and symlinks all name one folder and cannot leave the model folders. Never raises: a
+        path the OS refuses names nothing, like a missing one."""
+        if len(name) > MAX_PATH:
+            return None
+        try:
+            real = os.path.realpath(name, strict=True)
+        except (OSError, ValueError):  # missing, too long, a NUL byte, a symlink loop
+            return None
+        listed = self._by_key.get(real)
+        parent = os.path.dirname(real)
+        if listed is None and (parent in self._roots() or os.path.basename(parent) == "snapshots"):
+            # Perhaps a model added to a models folder or the HF cache since the last scan.
+            self.refresh()
+            listed = self._by_key.get(real)
+        if listed is not None:
+            return listed  # a listed model's folder is that model: its id, its worker
+        if not (self.settings.allow_any_path or self._inside_roots(real)):
+            return None  # the same answer as a missing folder: no probing the disk
+        return read_local_model(Path(real))
+
+    def _roots(self) -> list[str]:
+        """Where absolute paths may lead: the model folders and the HF cache, real paths."""
+        dirs = [*self.settings.all_model_dirs(), self.settings.hf_cache]
+        return [os.path.realpath(d) for d in dirs]
+
+    def _inside_roots(self, real: str) -> bool:
+        return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self._roots())
 
     def _profile(self, name: str) -> dict[str, Any] | None:
         profile = self.store.profile(name)
@@ -74,14 +139,39 @@ class Catalog:
                 return p
         return None
 
-    def names(self) -> list[str]:
-        names = list(self._models)
+    def profile_names(self) -> Iterator[tuple[str, dict[str, Any], LocalModel | None]]:
+        """(name, profile, its model or None if not on disk) for every profile name and alias a
+        request can use: not one a model id takes, not one whose model is forbidden."""
         for p in self.store.profiles():
-            names += [p["name"], *p["aliases"]]
-        return names
+            model = self.find(p["model"], scan=False)
+            if not self.allowed(model.id if model else p["model"]):
+                continue
+            for name in (p["name"], *p["aliases"]):
+                if name not in self._models:
+                    yield name, p, model
+
+    def names(self) -> list[str]:
+        """Every name a request may use, each once (for suggestions)."""
+        ids = [m for m in self._models if self.allowed(m)]
+        return ids + [name for name, _, _ in self.profile_names()]
+
+    # The allow-list ---------------------------------------------------------------------------
+
+    def allowed(self, model_id: str) -> bool:
+        """Whether MLX_MANAGER_ALLOWED_MODELS lets a model (by id) be used."""
+        patterns = self.settings.allowed_models
+        return not patterns or any(fnmatch.fnmatchcase(model_id, p) for p in patterns)
+
+    def forbidden(self, name: str, model: LocalModel | None = None) -> PermissionDenied:
+        which = f" (model '{model.id}')" if model is not None and model.id != name else ""
+        return PermissionDenied(
+            f"The model '{name}'{which} is not allowed on this server "
+            "(MLX_MANAGER_ALLOWED_MODELS).",
+            param="model",
+        )
 
     def _not_found_message(self, name: str) -> str:
-        names = self.names()
+        names = self.names()  # only names the allow-list lets through: suggestions leak none
         lowered = {n.lower(): n for n in names}
         close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)
         close += [n.lower() for n in names if name.lower() in n.lower() and n.lower() not in close]
@@ -90,7 +180,7 @@ class Catalog:
         if suggestions:
             msg += " Did you mean: " + ", ".join(f"'{s}'" for s in suggestions) + "?"
         elif names:
-            msg += f" GET /v1/models lists the {len(self._models)} local models."
+            msg += " GET /v1/models lists the names you can use."
         else:
             msg += " No local models were found; see MLX_MANAGER_MODEL_DIRS."
         return msg

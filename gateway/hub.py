@@ -23,6 +23,11 @@ class LocalModel:
     created: int
     config: dict[str, Any] = field(repr=False, default_factory=dict)
     description: str | None = None
+    # The folder's real path: what identifies the model, however its path is spelled.
+    key: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or os.path.realpath(self.path)
 
     @property
     def context_length(self) -> int | None:
@@ -52,6 +57,7 @@ def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int, int] | None:
     try:
         config = json.loads((path / "config.json").read_text())
         entries = list(os.scandir(path))
+        mtime = int((path / "config.json").stat().st_mtime)
     except (OSError, ValueError):
         return None
     if not isinstance(config, dict):
@@ -67,12 +73,16 @@ def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int, int] | None:
         size += st.st_size
         if entry.name.endswith(".safetensors"):
             weights += st.st_size
-    return config, size, weights, int((path / "config.json").stat().st_mtime)
+    return config, size, weights, mtime
 
 
 def _description(path: Path) -> str | None:
-    readme = path / "README.md"
-    if readme.is_file() and "random weights" in readme.read_text(errors="replace")[:2000]:
+    try:
+        with (path / "README.md").open(errors="replace") as readme:
+            head = readme.read(2000)
+    except OSError:
+        return None
+    if "random weights" in head:
         return "random weights: built offline by mlx-manager, its output is meaningless"
     return None
 
@@ -139,12 +149,15 @@ def scan_local_models(hf_cache: Path, folders: list[Path]) -> list[LocalModel]:
 
 
 def read_local_model(path: Path) -> LocalModel | None:
-    """A model named by its absolute path."""
-    info = _read_model_dir(path) if (path / "config.json").is_file() else None
+    """A model named by its path, which the caller has made real (gateway/catalog.py): its id
+    is that path. None when the folder holds no model or cannot be read."""
+    info = _read_model_dir(path)
     if info is None:
         return None
     config, size, weights, mtime = info
-    return LocalModel(str(path), path, "path", size, weights, mtime, config, _description(path))
+    return LocalModel(
+        str(path), path, "path", size, weights, mtime, config, _description(path), str(path)
+    )
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

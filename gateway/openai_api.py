@@ -89,21 +89,18 @@ def model_entries(pool: ModelPool) -> list[dict[str, Any]]:
                 **({"description": m.description} if m.description else {}),
             }
         )
-    paths = {m.id: str(m.path) for m in models}
-    for p in pool.catalog.store.profiles():
-        for name in (p["name"], *p["aliases"]):
-            if not (pool.allowed(name) or pool.allowed(p["model"])):
-                continue
-            entries.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "profile",
-                    "model": p["model"],
-                    "loaded": paths.get(p["model"]) in loaded,
-                }
-            )
+    # Each name once: a profile name or alias that a model id takes is not usable, so not listed.
+    for name, p, model in pool.catalog.profile_names():
+        entries.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "profile",
+                "model": p["model"],
+                "loaded": model is not None and str(model.path) in loaded,
+            }
+        )
     return entries
 
 

@@ -19,7 +19,6 @@ Requests hold a lease on a ready slot while they run. The pool:
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 from collections import deque
@@ -304,28 +303,12 @@ class ModelPool:
     # Names ----------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> Resolved:
-        """Name -> model (and profile), enforcing the allow-list: a forbidden name is 403 and
-        loads nothing, and does not reveal whether it exists."""
-        patterns = self.settings.allowed_models
-        try:
-            resolved = self.catalog.resolve(name)
-        except errors.ModelNotFound:
-            if patterns and not self.allowed(name):
-                raise self._forbidden(name) from None
-            raise
-        if patterns and not (self.allowed(name) or self.allowed(resolved.model.id)):
-            raise self._forbidden(name)
-        return resolved
+        """Name -> model (and profile), enforcing the allow-list (the catalogue owns both): a
+        forbidden model is 403 and loads nothing, whatever name or path reached it."""
+        return self.catalog.resolve(name)
 
-    def allowed(self, name: str) -> bool:
-        patterns = self.settings.allowed_models
-        return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    def _forbidden(self, name: str) -> errors.PermissionDenied:
-        return errors.PermissionDenied(
-            f"The model '{name}' is not allowed on this server (MLX_MANAGER_ALLOWED_MODELS).",
-            param="model",
-        )
+    def allowed(self, model_id: str) -> bool:
+        return self.catalog.allowed(model_id)
 
     def _slot(self, resolved: Resolved) -> Slot:
         slot = self.slots.get(resolved.key)

@@ -1,7 +1,8 @@
 """Profiles: a name (usable as `model` in /v1 requests) bound to a model and its defaults.
 
 Validation lives here, once, for every adapter: errors name the field, duplicate names and
-aliases are refused, and a profile must name a model that exists locally.
+aliases are refused, a name or alias cannot be a local model's id, and a profile must name a
+model that exists locally and that the allow-list lets through.
 """
 
 from __future__ import annotations
@@ -160,7 +161,18 @@ class Profiles:
             return profile
 
     def _check(self, profile: Profile) -> None:
-        """Names and aliases are unique across profiles; the model exists locally."""
+        """Names and aliases are unique across profiles and take no local model's id; the
+        model exists locally and the allow-list lets it be used (403 otherwise)."""
+        ids = {m.id for m in self.catalog.refresh()}
+        for field, names in (("name", [profile.name]), ("aliases", profile.aliases)):
+            for n in names:
+                if n in ids:
+                    raise InvalidRequest(
+                        f"'{n}' is the id of a local model: a profile or alias cannot take "
+                        "a model's own name (it would keep meaning that model). Choose another "
+                        f"{field}.",
+                        param=field,
+                    )
         taken: dict[str, str] = {}
         for other in self.store.profiles():
             if other["name"] != profile.name:
@@ -177,12 +189,13 @@ class Profiles:
                 f"'{profile.name}' is already an alias of profile '{taken[profile.name]}'.",
                 param="name",
             )
-        if self.store.profile(profile.model) is not None:
+        is_profile = self.store.profile(profile.model) is not None or profile.model in taken
+        if is_profile and profile.model not in ids:  # a model's id means the model
             raise InvalidRequest(
                 f"'{profile.model}' is a profile; a profile must name a model.", param="model"
             )
         try:
-            self.catalog.resolve(profile.model)
+            self.catalog.model(profile.model)  # PermissionDenied (403) passes through
         except NotFound as e:
             raise InvalidRequest(
                 f"Cannot use model '{profile.model}': {e.message}", param="model"

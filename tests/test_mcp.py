@@ -340,10 +340,11 @@ def test_stdio_uses_the_running_server(models: Models, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_model_info_hints(url: str, models: Models, tmp_path: Path) -> None:
+def test_model_info_hints(url: str, server: Server, models: Models, tmp_path: Path) -> None:
     import shutil
 
-    folder = shutil.copytree(models.path("tiny-a"), tmp_path / "hinted")
+    # Nested in the server's own models folder: not listed, but a path there may be served.
+    folder = shutil.copytree(models.path("tiny-a"), server.home / "models" / tmp_path.name / "m")
     template = folder / "chat_template.jinja"
     template.write_text("{% if tools %}{{ tools }}{% endif %}<think>{{ messages }}</think>")
     config = json.loads((folder / "config.json").read_text())
