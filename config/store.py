@@ -331,8 +331,19 @@ class Store:
 
 
 def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A profile as stored. Aliases that are not a JSON list of names (a row written by hand
+    or by an older version) read as none, and `unreadable` says so: every reader can rely on
+    the types, and the profiles listing can report the row instead of failing."""
     row = dict(row)
-    row["aliases"] = json.loads(row.get("aliases") or "[]")
+    raw = row.get("aliases") or "[]"
+    try:
+        aliases = json.loads(raw)
+    except (ValueError, RecursionError):
+        aliases = None
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        row["unreadable"] = {"aliases": f"stored as {raw[:100]!r}, not a JSON list of names"}
+        aliases = []
+    row["aliases"] = aliases
     row["pinned"] = bool(row.get("pinned"))
     return row
 
