@@ -116,6 +116,16 @@ REQUEST_COLUMNS = (
 )
 
 
+class DatabaseFull(Exception):
+    """A write failed because the disk (or its quota) under the database is full."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(
+            f"The disk is full: cannot write the database in {folder}. Free space there and retry."
+        )
+        self.folder = folder
+
+
 class Store:
     """Typed access to the database. Safe to share across threads: each thread gets its own
     connection (sqlite connections must not cross threads)."""
@@ -142,18 +152,26 @@ class Store:
         """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so what a
         writer checks inside (a unique alias, an existing key name) stays true until it commits;
         a deferred transaction would instead fail when it upgraded to write. Nested calls join
-        the outer transaction (sqlite-utils' own writes become savepoints inside it)."""
+        the outer transaction (sqlite-utils' own writes become savepoints inside it).
+
+        A full disk raises DatabaseFull, with nothing written: the commit is inside the
+        rollback's reach, as it is where WAL pages are written."""
         db = self.db
         if db.conn.in_transaction:
             yield db
             return
-        db.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.conn.rollback()
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.conn.commit()
+            except BaseException:
+                db.conn.rollback()
+                raise
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+                raise DatabaseFull(self.path.parent) from e
             raise
-        db.conn.commit()
 
     def data_version(self) -> int:
         """Changes when another connection commits: a cheap 'has anything changed?'."""

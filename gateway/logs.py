@@ -16,10 +16,11 @@ import os
 import queue
 import re
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from config.settings import Settings
 
@@ -72,6 +73,69 @@ def _logfmt(value: Any) -> str:
     return text
 
 
+_dropped_lines = 0  # server log lines a full disk refused, since the start
+
+
+def dropped_lines() -> int:
+    """For /metrics (mlx_manager_log_lines_dropped_total)."""
+    return _dropped_lines
+
+
+class LogFile(logging.handlers.RotatingFileHandler):
+    """The server's log file, created 0600 and rotated. Each line is one unbuffered write: a
+    line a full disk has no room for is dropped whole and counted (a buffered file would keep
+    it, fail every later flush and print a traceback per line to the terminal), and the first
+    line written once space returns says how many were lost."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=SERVER_LOG_BYTES, backupCount=BACKUPS, delay=True)
+        self.dropped = 0  # since the last line written
+        self._torn = False  # a line was cut off: the next one starts on a line of its own
+
+    def _open(self) -> BinaryIO:  # type: ignore[override]
+        return open(self.baseFilename, "ab", buffering=0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        global _dropped_lines
+        try:
+            line = self.format(record) + "\n"
+            if self.shouldRollover(record):
+                self.doRollover()
+            if self.dropped:
+                self._write(self.format(self._dropped_note()) + "\n")
+                self.dropped = 0
+            self._write(line)
+        except OSError:
+            if not self.dropped:
+                sys.stderr.write(
+                    f"mlx-manager: cannot write {self.baseFilename} (disk full?); "
+                    "log lines are dropped and counted until it can\n"
+                )
+            self.dropped += 1
+            _dropped_lines += 1
+        except Exception:
+            self.handleError(record)
+
+    def _write(self, text: str) -> None:
+        if self.stream is None:
+            self.stream = self._open()
+        data = memoryview((("\n" if self._torn else "") + text).encode(errors="replace"))
+        while data:
+            data = data[self.stream.write(data) :]
+            self._torn = bool(data)  # part of a line is in: the next write may fail
+
+    def _dropped_note(self) -> logging.LogRecord:
+        return logging.makeLogRecord(
+            {
+                "name": "mlx_manager",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines were dropped while the disk was full",
+                "args": (self.dropped,),
+            }
+        )
+
+
 def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
     """Log to the terminal and to MLX_MANAGER_HOME/logs/mlx-manager.log (rotated).
 
@@ -82,11 +146,7 @@ def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
     formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [
         logging.StreamHandler(),
-        logging.handlers.RotatingFileHandler(
-            settings.logs_dir / "mlx-manager.log",
-            maxBytes=SERVER_LOG_BYTES,
-            backupCount=BACKUPS,
-        ),
+        LogFile(settings.logs_dir / "mlx-manager.log"),
     ]
     for h in handlers:
         h.setFormatter(formatter)
