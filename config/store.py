@@ -6,7 +6,9 @@ functions applied in order (sqlite_utils.Migrations).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,8 @@ from typing import Any
 
 import sqlite_utils
 from sqlite_utils import Migrations
+
+from config.files import FILE_MODE, private_dir, private_file
 
 migrations = Migrations("mlx_manager")
 
@@ -132,7 +136,13 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # It holds key hashes (and prompts, with log_content). sqlite gives its -wal and -shm
+        # files the database file's mode, so creating that 0600 covers them too.
+        private_file(self.path)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(OSError):  # absent: sqlite creates them from the above
+                os.chmod(f"{self.path}{suffix}", FILE_MODE)
         self._local = threading.local()
         migrations.apply(self.db)
 

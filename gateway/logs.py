@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from config.files import open_append, private_dir
 from config.settings import Settings
 
 SERVER_LOG_BYTES = 10_000_000
@@ -93,7 +94,7 @@ class LogFile(logging.handlers.RotatingFileHandler):
         self._torn = False  # a line was cut off: the next one starts on a line of its own
 
     def _open(self) -> BinaryIO:  # type: ignore[override]
-        return open(self.baseFilename, "ab", buffering=0)
+        return open(open_append(Path(self.baseFilename)), "ab", buffering=0)
 
     def emit(self, record: logging.LogRecord) -> None:
         global _dropped_lines
@@ -142,7 +143,7 @@ def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
     A request only puts its line on a queue; a thread formats and writes it (a formatted,
     flushed write to two files costs ~120 µs, which the request would otherwise wait for).
     Returns the listener, to stop (and drain) at exit."""
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.logs_dir)
     formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [
         logging.StreamHandler(),
@@ -195,9 +196,11 @@ def append(path: Path, message: str) -> None:
     """Add one line from the gateway to a worker's log (the worker may be writing too: small
     O_APPEND writes do not interleave)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(stamp(message, "gateway"))
+        fd = open_append(path)
+        try:
+            os.write(fd, stamp(message, "gateway").encode(errors="replace"))
+        finally:
+            os.close(fd)
     except OSError:
         logging.getLogger("mlx_manager").warning("could not write %s", path, exc_info=True)
 
@@ -248,8 +251,7 @@ class WorkerLogHandler(logging.Handler):
 def redirect_output(path: Path) -> None:
     """Point this process's stdout and stderr (the file descriptors, so C code's output goes
     there too) at `path`, appending."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_append(path)  # 0600, as every log under MLX_MANAGER_HOME
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

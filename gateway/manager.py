@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import psutil
 
+from config.files import private_dir
 from config.settings import Settings, parse_duration
 from config.store import DatabaseFull, Store, timestamp
 from gateway import errors, logs
@@ -47,7 +48,7 @@ access_log = logging.getLogger(logs.ACCESS)
 class Manager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.home)
         self.store = Store(settings.db_path)
         self.catalog = Catalog(settings, self.store)
         self.profiles = Profiles(self.catalog)
