@@ -9,6 +9,7 @@ only it can see (the process died, and how) to the same file.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import logging.handlers
@@ -34,8 +35,27 @@ ACCESS = "mlx_manager.access"  # the logger of per-request lines
 # The server's log ------------------------------------------------------------------------------
 
 
+# Control characters (C0, DEL, C1) in a value a client chose (a model name) would reach the
+# file and the terminal raw: ESC [ sequences recolour or rewrite the screen, a newline forges a
+# log line. They are written as JSON escapes instead.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NEEDS_QUOTES = re.compile(r'[\s"=\x00-\x1f\x7f-\x9f]')
+_SHORT = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    c = match.group()
+    return _SHORT.get(c) or f"\\u{ord(c):04x}"
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(_escape_char, text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger: message key=value ...`: readable, and still parseable by field."""
+    """`time level logger: message key=value ...`: readable, and still parseable by field.
+    One record is one line: control characters in the message are escaped (a traceback keeps
+    its line breaks, and loses only the others)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,6 +66,12 @@ class TextFormatter(logging.Formatter):
         if fields:
             line += " " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
         return line
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(escape_controls(x) for x in super().formatException(ei).split("\n"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,15 +88,16 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # json.dumps escapes C0 controls; DEL and C1 it leaves raw.
+        return escape_controls(json.dumps(entry, ensure_ascii=False, default=str))
 
 
 def _logfmt(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if not text or re.search(r'[\s"=]', text):
-        return json.dumps(text, ensure_ascii=False)
+    if not text or _NEEDS_QUOTES.search(text):
+        return escape_controls(json.dumps(text, ensure_ascii=False))
     return text
 
 
@@ -154,12 +181,21 @@ def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
     listener.start()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        handlers=[logging.handlers.QueueHandler(records)],
-        force=True,
-    )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[_Enqueue(records)], force=True)
     return listener
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues a record with its message fixed now (its arguments may change later) and its
+    traceback kept for the formatter. The default prepare() formats the record with logging's
+    basic format, which doubled each line's prefix ("INFO mlx_manager: INFO:mlx_manager: ...")
+    and folded tracebacks into the message; the queue never leaves this process, so the
+    record needs no flattening."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        return record
 
 
 # Worker logs ------------------------------------------------------------------------------------
