@@ -6,7 +6,9 @@ functions applied in order (sqlite_utils.Migrations).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,8 @@ from typing import Any
 
 import sqlite_utils
 from sqlite_utils import Migrations
+
+from config.files import FILE_MODE, private_dir, private_file
 
 migrations = Migrations("mlx_manager")
 
@@ -116,13 +120,29 @@ REQUEST_COLUMNS = (
 )
 
 
+class DatabaseFull(Exception):
+    """A write failed because the disk (or its quota) under the database is full."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(
+            f"The disk is full: cannot write the database in {folder}. Free space there and retry."
+        )
+        self.folder = folder
+
+
 class Store:
     """Typed access to the database. Safe to share across threads: each thread gets its own
     connection (sqlite connections must not cross threads)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # It holds key hashes (and prompts, with log_content). sqlite gives its -wal and -shm
+        # files the database file's mode, so creating that 0600 covers them too.
+        private_file(self.path)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(OSError):  # absent: sqlite creates them from the above
+                os.chmod(f"{self.path}{suffix}", FILE_MODE)
         self._local = threading.local()
         migrations.apply(self.db)
 
@@ -142,18 +162,26 @@ class Store:
         """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so what a
         writer checks inside (a unique alias, an existing key name) stays true until it commits;
         a deferred transaction would instead fail when it upgraded to write. Nested calls join
-        the outer transaction (sqlite-utils' own writes become savepoints inside it)."""
+        the outer transaction (sqlite-utils' own writes become savepoints inside it).
+
+        A full disk raises DatabaseFull, with nothing written: the commit is inside the
+        rollback's reach, as it is where WAL pages are written."""
         db = self.db
         if db.conn.in_transaction:
             yield db
             return
-        db.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.conn.rollback()
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.conn.commit()
+            except BaseException:
+                db.conn.rollback()
+                raise
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+                raise DatabaseFull(self.path.parent) from e
             raise
-        db.conn.commit()
 
     def data_version(self) -> int:
         """Changes when another connection commits: a cheap 'has anything changed?'."""
@@ -331,8 +359,19 @@ class Store:
 
 
 def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A profile as stored. Aliases that are not a JSON list of names (a row written by hand
+    or by an older version) read as none, and `unreadable` says so: every reader can rely on
+    the types, and the profiles listing can report the row instead of failing."""
     row = dict(row)
-    row["aliases"] = json.loads(row.get("aliases") or "[]")
+    raw = row.get("aliases") or "[]"
+    try:
+        aliases = json.loads(raw)
+    except (ValueError, RecursionError):
+        aliases = None
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        row["unreadable"] = {"aliases": f"stored as {raw[:100]!r}, not a JSON list of names"}
+        aliases = []
+    row["aliases"] = aliases
     row["pinned"] = bool(row.get("pinned"))
     return row
 

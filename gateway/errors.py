@@ -95,6 +95,14 @@ class InsufficientMemory(ServiceError):
     code = "insufficient_memory"
 
 
+class DiskFull(ServiceError):
+    """The disk under MLX_MANAGER_HOME is full: nothing was saved."""
+
+    status = 507
+    type = "server_error"
+    code = "disk_full"
+
+
 class Unauthorized(ServiceError):
     status = 401
     type = "invalid_request_error"

@@ -29,6 +29,10 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_OPTIONS)
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"Invalid JSON schema: {e}", param="response_format") from None
+    except RecursionError:  # request bodies are depth-limited; this is for other callers
+        raise InvalidRequest(
+            "Unsupported JSON schema: it is nested too deeply.", param="response_format"
+        ) from None
     error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if error:
         raise InvalidRequest(

@@ -9,6 +9,7 @@ only it can see (the process died, and how) to the same file.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import logging.handlers
@@ -16,11 +17,13 @@ import os
 import queue
 import re
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from config.files import open_append, private_dir
 from config.settings import Settings
 
 SERVER_LOG_BYTES = 10_000_000
@@ -32,8 +35,27 @@ ACCESS = "mlx_manager.access"  # the logger of per-request lines
 # The server's log ------------------------------------------------------------------------------
 
 
+# Control characters (C0, DEL, C1) in a value a client chose (a model name) would reach the
+# file and the terminal raw: ESC [ sequences recolour or rewrite the screen, a newline forges a
+# log line. They are written as JSON escapes instead.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NEEDS_QUOTES = re.compile(r'[\s"=\x00-\x1f\x7f-\x9f]')
+_SHORT = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    c = match.group()
+    return _SHORT.get(c) or f"\\u{ord(c):04x}"
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(_escape_char, text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger: message key=value ...`: readable, and still parseable by field."""
+    """`time level logger: message key=value ...`: readable, and still parseable by field.
+    One record is one line: control characters in the message are escaped (a traceback keeps
+    its line breaks, and loses only the others)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -44,6 +66,12 @@ class TextFormatter(logging.Formatter):
         if fields:
             line += " " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
         return line
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(escape_controls(x) for x in super().formatException(ei).split("\n"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,16 +88,80 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # json.dumps escapes C0 controls; DEL and C1 it leaves raw.
+        return escape_controls(json.dumps(entry, ensure_ascii=False, default=str))
 
 
 def _logfmt(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if not text or re.search(r'[\s"=]', text):
-        return json.dumps(text, ensure_ascii=False)
+    if not text or _NEEDS_QUOTES.search(text):
+        return escape_controls(json.dumps(text, ensure_ascii=False))
     return text
+
+
+_dropped_lines = 0  # server log lines a full disk refused, since the start
+
+
+def dropped_lines() -> int:
+    """For /metrics (mlx_manager_log_lines_dropped_total)."""
+    return _dropped_lines
+
+
+class LogFile(logging.handlers.RotatingFileHandler):
+    """The server's log file, created 0600 and rotated. Each line is one unbuffered write: a
+    line a full disk has no room for is dropped whole and counted (a buffered file would keep
+    it, fail every later flush and print a traceback per line to the terminal), and the first
+    line written once space returns says how many were lost."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=SERVER_LOG_BYTES, backupCount=BACKUPS, delay=True)
+        self.dropped = 0  # since the last line written
+        self._torn = False  # a line was cut off: the next one starts on a line of its own
+
+    def _open(self) -> BinaryIO:  # type: ignore[override]
+        return open(open_append(Path(self.baseFilename)), "ab", buffering=0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        global _dropped_lines
+        try:
+            line = self.format(record) + "\n"
+            if self.shouldRollover(record):
+                self.doRollover()
+            if self.dropped:
+                self._write(self.format(self._dropped_note()) + "\n")
+                self.dropped = 0
+            self._write(line)
+        except OSError:
+            if not self.dropped:
+                sys.stderr.write(
+                    f"mlx-manager: cannot write {self.baseFilename} (disk full?); "
+                    "log lines are dropped and counted until it can\n"
+                )
+            self.dropped += 1
+            _dropped_lines += 1
+        except Exception:
+            self.handleError(record)
+
+    def _write(self, text: str) -> None:
+        if self.stream is None:
+            self.stream = self._open()
+        data = memoryview((("\n" if self._torn else "") + text).encode(errors="replace"))
+        while data:
+            data = data[self.stream.write(data) :]
+            self._torn = bool(data)  # part of a line is in: the next write may fail
+
+    def _dropped_note(self) -> logging.LogRecord:
+        return logging.makeLogRecord(
+            {
+                "name": "mlx_manager",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines were dropped while the disk was full",
+                "args": (self.dropped,),
+            }
+        )
 
 
 def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
@@ -78,27 +170,32 @@ def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
     A request only puts its line on a queue; a thread formats and writes it (a formatted,
     flushed write to two files costs ~120 µs, which the request would otherwise wait for).
     Returns the listener, to stop (and drain) at exit."""
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.logs_dir)
     formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [
         logging.StreamHandler(),
-        logging.handlers.RotatingFileHandler(
-            settings.logs_dir / "mlx-manager.log",
-            maxBytes=SERVER_LOG_BYTES,
-            backupCount=BACKUPS,
-        ),
+        LogFile(settings.logs_dir / "mlx-manager.log"),
     ]
     for h in handlers:
         h.setFormatter(formatter)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
     listener.start()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        handlers=[logging.handlers.QueueHandler(records)],
-        force=True,
-    )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[_Enqueue(records)], force=True)
     return listener
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues a record with its message fixed now (its arguments may change later) and its
+    traceback kept for the formatter. The default prepare() formats the record with logging's
+    basic format, which doubled each line's prefix ("INFO mlx_manager: INFO:mlx_manager: ...")
+    and folded tracebacks into the message; the queue never leaves this process, so the
+    record needs no flattening."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        return record
 
 
 # Worker logs ------------------------------------------------------------------------------------
@@ -135,9 +232,11 @@ def append(path: Path, message: str) -> None:
     """Add one line from the gateway to a worker's log (the worker may be writing too: small
     O_APPEND writes do not interleave)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(stamp(message, "gateway"))
+        fd = open_append(path)
+        try:
+            os.write(fd, stamp(message, "gateway").encode(errors="replace"))
+        finally:
+            os.close(fd)
     except OSError:
         logging.getLogger("mlx_manager").warning("could not write %s", path, exc_info=True)
 
@@ -188,8 +287,7 @@ class WorkerLogHandler(logging.Handler):
 def redirect_output(path: Path) -> None:
     """Point this process's stdout and stderr (the file descriptors, so C code's output goes
     there too) at `path`, appending."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_append(path)  # 0600, as every log under MLX_MANAGER_HOME
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

@@ -13,7 +13,8 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 import httpx
 import psutil
 
+from config.files import private_dir
 from config.settings import Settings, parse_duration
-from config.store import Store, timestamp
+from config.store import DatabaseFull, Store, timestamp
 from gateway import errors, logs
 from gateway.catalog import Catalog
 from gateway.downloads import DownloadProgress, Downloads, delete_from_cache, search
@@ -46,13 +48,14 @@ access_log = logging.getLogger(logs.ACCESS)
 class Manager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.home)
         self.store = Store(settings.db_path)
         self.catalog = Catalog(settings, self.store)
         self.profiles = Profiles(self.catalog)
         self.metrics = Metrics()
         self.pool = ModelPool(settings, self.catalog, self.metrics)
         self.request_log = RequestLog(settings, self.store)
+        self.metrics.watch_dropped(self.request_log)
         self.downloads = Downloads(settings, self.store)
         self.keys = ApiKeys(self.store, settings)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,7 +134,8 @@ class Manager:
     async def download_model(
         self, repo: str, progress: DownloadProgress | None = None, wait: bool = True
     ) -> dict[str, Any]:
-        job = await self.downloads.start(repo)
+        with _storage():
+            job = await self.downloads.start(repo)
         if not wait:
             return job.status_dict()
         result = await self.downloads.wait(job, progress)
@@ -175,7 +179,8 @@ class Manager:
         return self.profiles.get(name)
 
     async def create_profile(self, data: dict[str, Any]) -> dict[str, Any]:
-        profile = self.profiles.create(data)
+        with _storage():
+            profile = self.profiles.create(data)
         if profile["pinned"]:
             self._background(self._load_quietly(profile["name"]))
         return profile
@@ -183,13 +188,15 @@ class Manager:
     async def update_profile(
         self, name: str, changes: dict[str, Any], clear: list[str] | None = None
     ) -> dict[str, Any]:
-        profile = self.profiles.update(name, changes, clear or [])
+        with _storage():
+            profile = self.profiles.update(name, changes, clear or [])
         if changes.get("pinned"):
             self._background(self._load_quietly(name))
         return profile
 
     def delete_profile(self, name: str) -> dict[str, Any]:
-        return self.profiles.delete(name)
+        with _storage():
+            return self.profiles.delete(name)
 
     async def _load_quietly(self, name: str) -> None:
         """A pinned profile loads now; a failure shows in list_loaded, not here."""
@@ -201,13 +208,15 @@ class Manager:
     # API keys (local only: whoever can write the database can manage keys) -----------------
 
     def create_key(self, name: str) -> dict[str, Any]:
-        return self.keys.create(name)
+        with _storage():
+            return self.keys.create(name)
 
     def list_keys(self) -> list[dict[str, Any]]:
         return self.keys.list()
 
     def revoke_key(self, name: str) -> dict[str, Any]:
-        return self.keys.revoke(name)
+        with _storage():
+            return self.keys.revoke(name)
 
     # Requests: what was asked, and how it went ----------------------------------------------
 
@@ -454,6 +463,16 @@ class RemoteManager(Manager):
             "finish_reason": choice["finish_reason"],
             "usage": r["usage"],
         }
+
+
+@contextmanager
+def _storage() -> Iterator[None]:
+    """A full disk under the database is the service's own error (507, naming the folder), for
+    every face to render, rather than an sqlite error that becomes a 500."""
+    try:
+        yield
+    except DatabaseFull as e:
+        raise errors.DiskFull(str(e)) from None
 
 
 def _since(text: str | None) -> str | None:

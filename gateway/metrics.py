@@ -18,11 +18,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from gateway.requestlog import RequestRecord
+from gateway import logs
+from gateway.requestlog import RequestLog, RequestRecord
 
 if TYPE_CHECKING:
     from gateway.pool import ModelPool
@@ -126,6 +127,10 @@ class Metrics:
         """Read the pool's state at each scrape."""
         self.registry.register(PoolCollector(pool))
 
+    def watch_dropped(self, request_log: RequestLog) -> None:
+        """Count, at each scrape, what the request log and the log file could not keep."""
+        self.registry.register(DroppedCollector(request_log))
+
     def request(self, record: RequestRecord) -> None:
         """Count one finished generation request."""
         model = record.label_model
@@ -159,6 +164,26 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DroppedCollector(Collector):
+    """Rows and log lines that never reached the disk: a full disk loses them, and these
+    counters are how anyone learns of it (the log file itself cannot say so until later)."""
+
+    def __init__(self, request_log: RequestLog) -> None:
+        self.request_log = request_log
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "mlx_manager_request_log_rows_dropped",
+            "Request log rows never written (a full disk, or a database far behind).",
+            value=self.request_log.dropped_total,
+        )
+        yield CounterMetricFamily(
+            "mlx_manager_log_lines_dropped",
+            "Server log file lines never written (a full disk).",
+            value=logs.dropped_lines(),
+        )
 
 
 class PoolCollector(Collector):

@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway import jsonbody
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.generation import Choice
 from gateway.pool import Generation, ModelPool
@@ -38,10 +39,11 @@ def _record(request: Request) -> RequestRecord:
 
 
 async def json_object(request: Request) -> dict[str, Any]:
+    """Every JSON body of /v1 and /admin is parsed here, strictly (gateway/jsonbody.py)."""
     try:
-        data = json.loads(await request.body())
-    except ValueError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+        data = jsonbody.loads(await request.body())
+    except jsonbody.JSONError as e:
+        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data

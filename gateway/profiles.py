@@ -8,7 +8,9 @@ model that exists locally and that the allow-list lets through.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,8 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.catalog import Catalog
 from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.fields import (
+    MAX_ALIASES,
+    MAX_NAME_CHARS,
+    Description,
+    ModelRef,
+    Seconds,
+    SystemPrompt,
+    Temperature,
+    Tokens,
+    TopP,
+)
 
-Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^\S(.*\S)?$")]
+log = logging.getLogger("mlx_manager")
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^\S(.*\S)?$")]
 
 FIELDS = (
     "model",
@@ -36,21 +51,38 @@ FIELDS = (
 
 
 class Profile(BaseModel):
+    """A profile's fields, their bounds and descriptions: the one schema that the HTTP admin
+    API, the MCP tools (their parameters are these fields) and the CLI validate against."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: Name
-    model: Annotated[str, Field(min_length=1)]
-    aliases: list[Name] = Field(default_factory=list)
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    context_length: Annotated[int, Field(ge=1)] | None = None
-    system_prompt: str | None = None
-    ttl: Annotated[float, Field(ge=0)] | None = None  # idle seconds; 0 keeps it loaded
-    pinned: bool = False
-    description: str | None = None
-    reasoning_format: Literal["separate", "inline"] | None = None
-    tool_parser: str | None = None  # a module of mlx_lm.tool_parsers
+    name: Name = Field(description="The profile's unique name, usable as `model` in /v1.")
+    model: ModelRef = Field(description="Local model id (org/name) or absolute path.")
+    aliases: Annotated[list[Name], Field(max_length=MAX_ALIASES)] = Field(
+        default_factory=list, description="Other names for it (unique)."
+    )
+    temperature: Temperature | None = Field(None, description="Default temperature, 0-2.")
+    top_p: TopP | None = Field(None, description="Default top_p, (0, 1].")
+    max_tokens: Tokens | None = Field(None, description="Default max_tokens.")
+    context_length: Tokens | None = Field(None, description="Context cap in tokens.")
+    system_prompt: SystemPrompt | None = Field(None, description="Added when a chat has none.")
+    ttl: Seconds | None = Field(None, description="Idle seconds before unloading; 0: never.")
+    pinned: bool = Field(False, description="Load now and at startup; never evict.")
+    description: Description | None = Field(None, description="Free text.")
+    reasoning_format: Literal["separate", "inline"] | None = Field(
+        None, description="'separate' (reasoning_content) or 'inline'."
+    )
+    tool_parser: str | None = Field(
+        None, description="mlx-lm tool parser ('json_tools', ...); default: inferred."
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        repeated = sorted({a for a in v if v.count(a) > 1})
+        if repeated:
+            raise ValueError(f"each alias once; repeated: {', '.join(map(repr, repeated))}")
+        return v
 
     @field_validator("tool_parser")
     @classmethod
@@ -61,6 +93,7 @@ class Profile(BaseModel):
         return v
 
 
+@cache
 def tool_parsers() -> list[str]:
     """mlx-lm's tool parser modules, listed without importing mlx-lm (which imports MLX)."""
     spec = importlib.util.find_spec("mlx_lm")
@@ -90,7 +123,27 @@ def _raise(message: str, field: str) -> Profile:
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in ("name", *FIELDS, "created", "updated")}
+    """A stored profile as the API shows it. A row that breaks the rules (written by hand, or
+    before a bound existed: ttl=Infinity) is still shown, with its bad fields emptied and an
+    `error` saying what to fix: one bad row must not make every listing fail."""
+    public = {k: row.get(k) for k in ("name", *FIELDS, "created", "updated")}
+    problems = dict(row.get("unreadable") or {})
+    try:
+        Profile.model_validate({k: public[k] for k in ("name", *FIELDS)})
+    except ValidationError as e:
+        for err in e.errors():
+            problems.setdefault(str(err["loc"][0]), err["msg"])
+    if not problems:
+        return public
+    for field in problems.keys() - {"name", "model"}:  # strings: shown as they are
+        public[field] = Profile.model_fields[field].get_default(call_default_factory=True)
+    public["error"] = (
+        "This stored profile is invalid: "
+        + "; ".join(f"{k}: {v}" for k, v in problems.items())
+        + ". Update these fields or delete the profile."
+    )
+    log.warning("profile %r: %s", row.get("name"), public["error"])
+    return public
 
 
 class Profiles:
@@ -148,7 +201,7 @@ class Profiles:
             raise InvalidRequest(
                 "A profile cannot be renamed; create a new one instead.", param="name"
             )
-        merged = {k: v for k, v in current.items() if k not in ("created", "updated")}
+        merged = {k: current[k] for k in FIELDS}  # not `error`, `created`, `updated`
         profile = validate({**merged, **changes, "name": name})
         self._check(profile)
         self.store.save_profile(profile.model_dump())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from config.settings import Settings
-from config.store import Store, timestamp
+from config.store import DatabaseFull, Store, timestamp
 
 if TYPE_CHECKING:
     from gateway.catalog import Resolved
@@ -179,6 +179,8 @@ class RequestLog:
         self._added = 0
         self._done = 0
         self._dropped = 0
+        self.dropped_total = 0  # rows never written, for /metrics
+        self._dropped_while_full = 0  # rows a full disk refused, reported when space returns
         self._progress = threading.Condition()
 
     def add(self, row: dict[str, Any]) -> None:
@@ -191,6 +193,7 @@ class RequestLog:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.popleft()
                 self._dropped += 1
+                self.dropped_total += 1
                 self._done += 1
             self._pending.append(row)
             self._added += 1
@@ -221,14 +224,36 @@ class RequestLog:
             with self.store.write():
                 self.store.add_requests(rows)
                 self.store.prune_requests(*self._bounds())
-        except Exception:  # a busy or full disk must never fail the requests themselves
+        except DatabaseFull as e:
+            # Retrying would fail alike while holding every row (prompts too, with
+            # log_content) in memory for as long as the disk stays full: drop and count them.
+            if not self._dropped_while_full:
+                log.warning(
+                    "request log: the disk under %s is full; rows are dropped (and counted in "
+                    "/metrics) until there is space",
+                    e.folder,
+                )
+            self._dropped_while_full += len(rows)
+            self._finished(len(rows), dropped=len(rows))
+            return
+        except Exception:  # a busy disk must never fail the requests themselves
             log.warning("could not write %d request log rows", len(rows), exc_info=True)
             with self._progress:
                 self._pending.extendleft(reversed(rows))
             time.sleep(1)
             return
+        if self._dropped_while_full:
+            log.warning(
+                "%d request log rows were dropped while the disk was full",
+                self._dropped_while_full,
+            )
+            self._dropped_while_full = 0
+        self._finished(len(rows))
+
+    def _finished(self, rows: int, dropped: int = 0) -> None:
         with self._progress:
-            self._done += len(rows)
+            self._done += rows
+            self.dropped_total += dropped
             self._progress.notify_all()
 
     def _bounds(self) -> tuple[str | None, int | None]:

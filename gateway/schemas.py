@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import parse_duration
+from gateway import jsonbody
+from gateway.fields import Temperature, Tokens, TopP
 from gateway.generation import GenerationRequest
 from gateway.grammar import grammar_for_text, tool_call_grammar
 
@@ -33,9 +35,9 @@ class FunctionCall(_Body):
     @classmethod
     def _json_object(cls, v: str) -> str:
         try:
-            parsed = json.loads(v or "{}")
-        except ValueError:
-            raise ValueError("must be a JSON object in a string") from None
+            parsed = jsonbody.loads(v or "{}")
+        except jsonbody.JSONError as e:
+            raise ValueError(f"must be a JSON object in a string ({e})") from None
         if not isinstance(parsed, dict):
             raise ValueError("must be a JSON object in a string")
         return v
@@ -134,9 +136,9 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: Annotated[str, Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
@@ -202,7 +204,7 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Tokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[Tool], Field(max_length=256)] | None = None

@@ -6,6 +6,7 @@ message a person can act on."""
 
 import asyncio
 import functools
+import inspect
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -15,8 +16,9 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
 from gateway.errors import ServiceError
+from gateway.fields import Temperature, Tokens
 from gateway.manager import Manager
-from gateway.profiles import FIELDS
+from gateway.profiles import FIELDS, Profile
 
 PROFILE_FIELDS = {"name", *FIELDS}
 
@@ -51,10 +53,40 @@ def _errors_as_tool_errors(fn: F) -> F:
 
 
 def _given(**fields: Any) -> dict[str, Any]:
-    """The profile fields the caller set (None means "leave as it is"). The profile tools pass
-    their locals(): their parameters are named as the profile's fields; anything else there
-    (closure variables, `clear`) is dropped."""
+    """The profile fields the caller set (None means "leave as it is")."""
     return {k: v for k, v in fields.items() if k in PROFILE_FIELDS and v is not None}
+
+
+def _profile_fields(partial: bool) -> Callable[[F], F]:
+    """Make a profile tool's parameters Profile's fields, with their bounds and descriptions:
+    MCP takes exactly what POST /admin/profiles takes, from one schema. `partial` (updates):
+    every field but the name is optional, None meaning "leave it as it is"."""
+
+    def parameter(name: str) -> inspect.Parameter:
+        field = Profile.model_fields[name]
+        hint: Any = Annotated[
+            field.annotation, *field.metadata, Field(description=field.description)
+        ]
+        if partial and name != "name":
+            hint, default = hint | None, None
+        elif field.is_required():
+            default = inspect.Parameter.empty
+        else:
+            default = field.get_default(call_default_factory=True)
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint
+        )
+
+    def with_fields(fn: F) -> F:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+        fields = [parameter(n) for n in Profile.model_fields if n not in {p.name for p in own}]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*fields, *own], return_annotation=dict[str, Any]
+        )
+        return fn
+
+    return with_fields
 
 
 def _key_name(ctx: Context) -> str | None:
@@ -155,56 +187,23 @@ def build_mcp(manager: Manager) -> MCPServer:
         return manager.get_profile(name)
 
     @tool
-    async def create_profile(
-        name: ProfileName,
-        model: Annotated[str, Field(description="Local model id (org/name) or absolute path.")],
-        aliases: Annotated[list[str] | None, Field(description="Other names for it.")] = None,
-        temperature: Annotated[float | None, Field(description="Default temperature, 0-2.")] = None,
-        top_p: Annotated[float | None, Field(description="Default top_p, (0, 1].")] = None,
-        max_tokens: Annotated[int | None, Field(description="Default max_tokens.")] = None,
-        context_length: Annotated[int | None, Field(description="Context cap in tokens.")] = None,
-        system_prompt: Annotated[
-            str | None, Field(description="Added when a chat has none.")
-        ] = None,
-        ttl: Annotated[
-            float | None, Field(description="Idle seconds before unloading; 0: never.")
-        ] = None,
-        pinned: Annotated[bool, Field(description="Load now and at startup; never evict.")] = False,
-        description: Annotated[str | None, Field(description="Free text.")] = None,
-        reasoning_format: Annotated[
-            str | None, Field(description="'separate' (reasoning_content) or 'inline'.")
-        ] = None,
-        tool_parser: Annotated[
-            str | None,
-            Field(description="mlx-lm tool parser ('json_tools', ...); default: inferred."),
-        ] = None,
-    ) -> dict[str, Any]:
+    @_profile_fields(partial=False)
+    async def create_profile(**fields: Any) -> dict[str, Any]:
         """Create a profile: a name usable as `model` in /v1 requests, bound to a model and its
         defaults. Requests may still override each default."""
-        return await manager.create_profile(_given(**locals()))
+        return await manager.create_profile(_given(**fields))
 
     @tool
+    @_profile_fields(partial=True)
     async def update_profile(
-        name: ProfileName,
-        model: Annotated[str | None, Field(description="New model.")] = None,
-        aliases: Annotated[list[str] | None, Field(description="New aliases (replaces).")] = None,
-        temperature: Annotated[float | None, Field(description="0-2.")] = None,
-        top_p: Annotated[float | None, Field(description="(0, 1].")] = None,
-        max_tokens: Annotated[int | None, Field(description="Default max_tokens.")] = None,
-        context_length: Annotated[int | None, Field(description="Context cap.")] = None,
-        system_prompt: Annotated[str | None, Field(description="System prompt.")] = None,
-        ttl: Annotated[float | None, Field(description="Idle seconds; 0: never.")] = None,
-        pinned: Annotated[bool | None, Field(description="Pin or unpin.")] = None,
-        description: Annotated[str | None, Field(description="Free text.")] = None,
-        reasoning_format: Annotated[str | None, Field(description="separate | inline")] = None,
-        tool_parser: Annotated[str | None, Field(description="mlx-lm tool parser.")] = None,
         clear: Annotated[
             list[str] | None, Field(description="Fields to reset to unset, e.g. ['temperature'].")
         ] = None,
+        **fields: Any,
     ) -> dict[str, Any]:
         """Change only the fields given (partial update); `clear` resets fields."""
-        changes = _given(**{k: v for k, v in locals().items() if k != "name"})
-        return await manager.update_profile(name, changes, clear or [])
+        name = fields.pop("name")
+        return await manager.update_profile(name, _given(**fields), clear or [])
 
     @tool
     async def delete_profile(name: ProfileName) -> dict[str, Any]:
@@ -245,9 +244,9 @@ def build_mcp(manager: Manager) -> MCPServer:
         messages: Annotated[list[ChatMessage], Field(description="The conversation.")],
         ctx: Context,
         temperature: Annotated[
-            float | None, Field(description="0-2; default: the profile's or 1.")
+            Temperature | None, Field(description="0-2; default: the profile's or 1.")
         ] = None,
-        max_tokens: Annotated[int | None, Field(description="Tokens at most.")] = None,
+        max_tokens: Annotated[Tokens | None, Field(description="Tokens at most.")] = None,
     ) -> dict[str, Any]:
         """Send messages to a model or profile and get its reply with token usage."""
         return await manager.chat(
