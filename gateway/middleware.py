@@ -85,13 +85,17 @@ async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send)
     await response(scope, receive, send)
 
 
+# RFC 7235 credentials: a scheme, then one or more spaces or tabs, then the token.
+CREDENTIALS = re.compile(r"([^ \t]+)[ \t]+(.*)", re.DOTALL)
+
+
 def presented_key(headers: Headers) -> str | None:
-    """`Authorization: Bearer KEY` (OpenAI's way) or `x-api-key: KEY` (Anthropic's)."""
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return headers.get("x-api-key") or None
+    """`Authorization: Bearer KEY` (OpenAI's way) or `x-api-key: KEY` (Anthropic's); both
+    trimmed of spaces and tabs, as a pasted key often brings some."""
+    found = CREDENTIALS.fullmatch(headers.get("authorization", "").strip(" \t"))
+    if found and found[1].lower() == "bearer" and found[2].strip(" \t"):
+        return found[2].strip(" \t")
+    return headers.get("x-api-key", "").strip(" \t") or None
 
 
 class AuthMiddleware:
