@@ -74,6 +74,24 @@ class PermissionDenied(ServiceError):
     code = "model_not_allowed"
 
 
+class HostNotAllowed(PermissionDenied):
+    """A Host header not among this server's names: DNS rebinding, or a name to allow."""
+
+    code = "host_not_allowed"
+
+
+class OriginNotAllowed(PermissionDenied):
+    """A request from a web page whose origin is neither this server nor an allowed one."""
+
+    code = "origin_not_allowed"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class TooManyRequests(ServiceError):
     """The model's queue is full: come back shortly."""
 

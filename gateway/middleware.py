@@ -1,6 +1,7 @@
-"""ASGI middleware: a record of each request (its id, timing and outcome), API-key
-authentication with a per-key concurrency limit, and the request body size cap. Plain ASGI
-rather than BaseHTTPMiddleware, which would buffer and slow streams."""
+"""ASGI middleware: a record of each request (its id, timing and outcome), the Host and Origin
+gate against web pages, API-key authentication with a per-key concurrency limit, the request
+body size cap. Plain ASGI rather than BaseHTTPMiddleware, which would
+buffer and slow streams."""
 
 from __future__ import annotations
 
@@ -14,8 +15,16 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ConcurrencyLimit, PayloadTooLarge, ServiceError, Unauthorized
+from gateway.errors import (
+    ConcurrencyLimit,
+    HostNotAllowed,
+    OriginNotAllowed,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+)
 from gateway.keys import ApiKeys
+from gateway.origins import HostPolicy
 from gateway.requestlog import RequestRecord, new_request_id
 
 log = logging.getLogger("mlx_manager")
@@ -83,6 +92,42 @@ async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send)
         record.error = exc.message
     response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
     await response(scope, receive, send)
+
+
+class OriginMiddleware:
+    """Refuse, on every route, a Host that is not a name of this server (DNS rebinding) and an
+    Origin that is neither this server nor an allowed web app (a cross-site request), before
+    the key is checked: a foreign page learns nothing, not even whether a key is needed.
+    Clients that are not browsers send no Origin."""
+
+    def __init__(self, app: ASGIApp, policy: HostPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if not self.policy.host_allowed(host):
+            exc = HostNotAllowed(
+                f"Host {host!r} is not a name of this server, so the request is refused: it is "
+                "how a web page reaches a local server by DNS rebinding. To reach the server by "
+                "this name, add it to MLX_MANAGER_ALLOWED_HOSTS."
+            )
+            await _reject(exc, scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if origin is not None and not self.policy.origin_allowed(origin):
+            exc = OriginNotAllowed(
+                f"Requests from web pages at {origin} are refused: that origin is neither this "
+                "server nor one it allows. To let a web app there call this server, add its "
+                "origin to MLX_MANAGER_ALLOWED_ORIGINS."
+            )
+            await _reject(exc, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 # RFC 7235 credentials: a scheme, then one or more spaces or tabs, then the token.
