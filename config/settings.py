@@ -67,6 +67,10 @@ class Settings:
     max_messages: int = 2048
     max_prompt_chars: int = 2_000_000  # per prompt, all messages together
     max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
+    # Slow clients (gateway/connections.py): seconds a request's headers, then its body, may
+    # take to arrive (0: no limit), and connections open at once (0: no limit).
+    request_read_timeout: float = 30.0
+    max_connections: int = 512
     # KV caches kept per loaded model for reuse by later prompts with the same beginning.
     prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
     # Observability (gateway/requestlog.py, gateway/logs.py).
@@ -219,7 +223,7 @@ def _coerce(name: str, value: Any) -> Any:
         if not all(e == "*" or pattern.fullmatch(e) for e in entries):
             raise ValueError
         return entries
-    if name in ("port", "max_concurrent_per_key"):
+    if name in ("port", "max_concurrent_per_key", "max_connections"):
         number = int(value)
         if number < 0:
             raise ValueError
@@ -229,7 +233,7 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name in ("load_timeout", "idle_ttl"):
+    if name in ("load_timeout", "idle_ttl", "request_read_timeout"):
         seconds = parse_duration(value)
         if seconds is None or seconds < 0:
             raise ValueError

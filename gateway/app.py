@@ -23,6 +23,7 @@ from gateway.manager import Manager
 from gateway.metrics import CONTENT_TYPE
 from gateway.middleware import (
     AuthMiddleware,
+    BodyDeadlineMiddleware,
     BodyLimitMiddleware,
     OriginMiddleware,
     RecordMiddleware,
@@ -261,6 +262,7 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
         ),
         Middleware(AuthMiddleware, keys=manager.keys, limit=settings.max_concurrent_per_key),
         Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
+        Middleware(BodyDeadlineMiddleware, seconds=settings.request_read_timeout),
     ]
     return Starlette(
         routes=routes,

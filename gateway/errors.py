@@ -92,6 +92,19 @@ class UnsupportedMediaType(ServiceError):
     code = "unsupported_media_type"
 
 
+class RequestTimeout(ServiceError):
+    """The request's body did not arrive in time; the connection is closed after the answer,
+    as what is left of the body would otherwise be read as the next request."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class TooManyRequests(ServiceError):
     """The model's queue is full: come back shortly."""
 

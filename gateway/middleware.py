@@ -1,6 +1,6 @@
 """ASGI middleware: a record of each request (its id, timing and outcome), the Host and Origin
 gate against web pages, API-key authentication with a per-key concurrency limit, the request
-body size cap. Plain ASGI rather than BaseHTTPMiddleware, which would
+body size cap and its arrival deadline. Plain ASGI rather than BaseHTTPMiddleware, which would
 buffer and slow streams."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from gateway.errors import (
     HostNotAllowed,
     OriginNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     Unauthorized,
 )
@@ -234,3 +235,38 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+class BodyDeadlineMiddleware:
+    """A request's body must arrive within `seconds` of its headers, or it gets 408 and the
+    connection closes: a client that announces a body and then trickles it, or stops, would
+    otherwise hold its connection and a handler for ever. (The headers' own deadline is in
+    gateway/connections.py; uvicorn has neither.)"""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.seconds:
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        arrived = False
+
+        async def in_time() -> Message:
+            nonlocal arrived
+            if arrived:  # later calls wait for a disconnect, as long as a stream runs
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"The request body did not arrive within {self.seconds:g} s of its headers "
+                    "(MLX_MANAGER_REQUEST_READ_TIMEOUT)."
+                ) from None
+            arrived = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, in_time, send)
