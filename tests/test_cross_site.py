@@ -198,36 +198,55 @@ def test_an_allowed_origin_gets_cors_answers(guarded: Server) -> None:
 
 def test_any_origin_and_more_hosts_when_set(models: Models, tmp_path: Any) -> None:
     home = tmp_path / "home"
-    env = models.env(home, allowed_origins="*", allowed_hosts="llm.example, 10.1.2.3:8443")
+    key = "a-key-that-web-pages-do-not-have"
+    env = models.env(
+        home, api_key=key, allowed_origins="*", allowed_hosts="llm.example, 10.1.2.3:8443"
+    )
     server = start_server(home, env)
+    auth = {"Authorization": f"Bearer {key}"}
     try:
         evil = {"Origin": "http://evil.example"}
-        r = httpx.post(server.url + "/admin/profiles", json=PROFILE, headers=evil)
+        # A preflight carries no key: answered all the same.
+        preflight = httpx.options(
+            server.url + "/admin/profiles",
+            headers={**evil, "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.status_code == 200, preflight.text
+        r = httpx.post(server.url + "/admin/profiles", json=PROFILE, headers={**evil, **auth})
         assert r.status_code == 201 and r.headers["access-control-allow-origin"] == "*"
-        r = httpx.post(server.url + "/mcp", json=INIT, headers={**MCP_HEADERS, **evil})
+        # Without the key: 401, which the page may read.
+        r = httpx.post(server.url + "/admin/profiles", json=PROFILE, headers=evil)
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+        r = httpx.post(server.url + "/mcp", json=INIT, headers={**MCP_HEADERS, **evil, **auth})
         assert r.status_code == 200, r.text
-        # A name set in MLX_MANAGER_ALLOWED_HOSTS: with or without a port, and pages served
-        # under it are same-origin; a name with a port: that port only.
+        # A name set in MLX_MANAGER_ALLOWED_HOSTS: with or without a port; with a port: that
+        # port only.
         for host in ("llm.example", "llm.example:443", "LLM.example:8080", "10.1.2.3:8443"):
-            assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200
+            r = httpx.get(server.url + "/v1/models", headers={"Host": host, **auth})
+            assert r.status_code == 200, (host, r.text)
+        # A foreign Host is refused before the key is looked at: a page learns nothing.
         for host in ("evil.example", "10.1.2.3:8080", "10.1.2.3"):
-            r = httpx.get(server.url + "/health", headers={"Host": host})
+            r = httpx.get(server.url + "/v1/models", headers={"Host": host})
             _error(r, 403, "host_not_allowed")
         # Still no DNS rebinding, whatever the origin.
         r = httpx.post(
             server.url + "/mcp",
             json=INIT,
-            headers={**MCP_HEADERS, "Host": f"evil.example:{server.port}"},
+            headers={**MCP_HEADERS, **auth, "Host": f"evil.example:{server.port}"},
         )
         _error(r, 403, "host_not_allowed")
     finally:
         server.stop()
 
 
-def test_default_hosts_follow_the_bound_address() -> None:
+def test_default_hosts_follow_the_bound_address(tmp_path: Any) -> None:
     from gateway.origins import host_policy
 
-    loopback = host_policy(load_settings({"host": "127.0.0.1", "port": 8080}, environ={}))
+    def policy(host: str = "127.0.0.1", **env: str) -> Any:
+        environ = {"MLX_MANAGER_HOME": str(tmp_path), **env}
+        return host_policy(load_settings({"host": host, "port": 8080}, environ=environ))
+
+    loopback = policy()
     assert loopback.host_allowed("localhost:8080") and loopback.host_allowed("127.0.0.1:1234")
     assert not loopback.host_allowed(f"{socket.gethostname()}:8080")
     assert loopback.origin_allowed("http://localhost:8080")
@@ -236,13 +255,20 @@ def test_default_hosts_follow_the_bound_address() -> None:
     assert security.enable_dns_rebinding_protection
     assert "http://localhost:8080" in security.allowed_origins
     # Bound to every address: this machine's names and addresses are its own too.
-    every = host_policy(load_settings({"host": "0.0.0.0", "port": 8080}, environ={}))
+    every = policy("0.0.0.0")
     assert every.host_allowed(f"{socket.gethostname().lower()}:8080")
     assert every.origin_allowed(f"http://{socket.gethostname().lower()}:8080")
     assert not every.host_allowed("evil.example:8080")
     # One address: that address.
-    lan = host_policy(load_settings({"host": "192.0.2.7", "port": 8080}, environ={}))
+    lan = policy("192.0.2.7")
     assert lan.host_allowed("192.0.2.7:8080") and lan.origin_allowed("https://192.0.2.7:8080")
+    # Pages served under a name set in MLX_MANAGER_ALLOWED_HOSTS are same-origin.
+    proxied = policy(MLX_MANAGER_ALLOWED_HOSTS="llm.example,10.1.2.3:8443")
+    assert proxied.origin_allowed("https://llm.example")
+    assert proxied.origin_allowed("http://llm.example:8000")
+    assert proxied.origin_allowed("http://10.1.2.3:8443")
+    assert not proxied.origin_allowed("http://10.1.2.3")
+    assert not proxied.origin_allowed("http://evil.example")
 
 
 @pytest.mark.parametrize(
@@ -256,7 +282,7 @@ def test_default_hosts_follow_the_bound_address() -> None:
 )
 def test_bad_host_and_origin_settings_stop_startup(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name.lower()):
-        load_settings(environ={"MLX_MANAGER_HOME": "/tmp/x", f"MLX_MANAGER_{name}": value})
+        load_settings(environ={"MLX_MANAGER_HOME": "/nonexistent", f"MLX_MANAGER_{name}": value})
 
 
 def _mcp_tools(url: str) -> list[str]:
