@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -60,12 +61,21 @@ class Settings:
     # Access (gateway/keys.py). A key here works like one made by `mlx-manager keys create`.
     api_key: str = field(default="", repr=False)
     insecure_no_auth: bool = False  # allow a non-loopback bind with no API key
+    # Web pages (gateway/origins.py). Beyond the bound address's own names: more Host names
+    # ("name", "name:port", "name:*"; "*": any) and origins of other web apps that may call
+    # this server ("scheme://host[:port]", "scheme://host:*"; "*": any page at all).
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
     # Request limits (gateway/limits.py): each violation is a 4xx naming the limit.
     max_body_bytes: str = "16MiB"
     max_tokens_limit: int = 32768  # the largest max_tokens a request may ask for
     max_messages: int = 2048
     max_prompt_chars: int = 2_000_000  # per prompt, all messages together
     max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
+    # Slow clients (gateway/connections.py): seconds a request's headers, then its body, may
+    # take to arrive (0: no limit), and connections open at once (0: no limit).
+    request_read_timeout: float = 30.0
+    max_connections: int = 512
     # KV caches kept per loaded model for reuse by later prompts with the same beginning.
     prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
     # Observability (gateway/requestlog.py, gateway/logs.py).
@@ -194,6 +204,11 @@ def parse_retention(text: str) -> tuple[float | None, int | None]:
     return age, rows
 
 
+# A Host name (or [IPv6 address]) with an optional port or ":*"; an origin is a scheme and one.
+HOST_ENTRY = re.compile(r"([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:([0-9]+|\*))?")
+ORIGIN_ENTRY = re.compile(r"[a-z][a-z0-9+.-]*://" + HOST_ENTRY.pattern)
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML/env/flag value into the type the Settings field holds."""
     if value is None:
@@ -206,7 +221,14 @@ def _coerce(name: str, value: Any) -> Any:
     if name in ("preload", "allowed_models"):
         items = value.split(",") if isinstance(value, str) else list(value)
         return [str(p).strip() for p in items if str(p).strip()]
-    if name in ("port", "max_concurrent_per_key"):
+    if name in ("allowed_hosts", "allowed_origins"):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        entries = [str(p).strip().lower().rstrip("/") for p in items if str(p).strip()]
+        pattern = HOST_ENTRY if name == "allowed_hosts" else ORIGIN_ENTRY
+        if not all(e == "*" or pattern.fullmatch(e) for e in entries):
+            raise ValueError
+        return entries
+    if name in ("port", "max_concurrent_per_key", "max_connections"):
         number = int(value)
         if number < 0:
             raise ValueError
@@ -216,7 +238,7 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name in ("load_timeout", "idle_ttl", "worker_stall_timeout"):
+    if name in ("load_timeout", "idle_ttl", "worker_stall_timeout", "request_read_timeout"):
         seconds = parse_duration(value)
         if seconds is None or seconds < 0:
             raise ValueError

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import psutil
-from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,9 +21,16 @@ from gateway.errors import InvalidRequest, ServiceError
 from gateway.keys import write_token_file
 from gateway.manager import Manager
 from gateway.metrics import CONTENT_TYPE
-from gateway.middleware import AuthMiddleware, BodyLimitMiddleware, RecordMiddleware
+from gateway.middleware import (
+    AuthMiddleware,
+    BodyDeadlineMiddleware,
+    BodyLimitMiddleware,
+    OriginMiddleware,
+    RecordMiddleware,
+)
 from gateway.openai_api import json_object, parse_body
 from gateway.openapi import openapi_document
+from gateway.origins import host_policy
 from gateway.schemas import LoadBody, UnloadBody
 from mcp_tools.server import build_mcp
 
@@ -191,31 +196,14 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=500)
 
 
-def transport_security(host: str) -> TransportSecuritySettings:
-    """DNS-rebinding protection stays on; the hosts and origins it accepts follow the address
-    the server binds (all of this machine's names and addresses when that is 0.0.0.0 or ::)."""
-    names = {host, "127.0.0.1", "localhost", "[::1]"}
-    if host in ("0.0.0.0", "::", ""):
-        names |= {socket.gethostname(), socket.getfqdn()}
-        for addrs in psutil.net_if_addrs().values():
-            for a in addrs:
-                if a.family == socket.AF_INET:
-                    names.add(a.address)
-                elif a.family == socket.AF_INET6:
-                    names.add(f"[{a.address.split('%')[0]}]")
-    names.discard("")
-    hosts = sorted(f"{n}:*" for n in names)
-    origins = sorted(f"{scheme}://{n}:*" for n in names for scheme in ("http", "https"))
-    return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
-
-
 def create_app(settings: Settings | None = None, manager: Manager | None = None) -> Starlette:
     settings = settings or load_settings()
     manager = manager or Manager(settings)
+    policy = host_policy(settings)
     mcp = build_mcp(manager)
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp",
-        transport_security=transport_security(settings.host),
+        transport_security=policy.transport_security(),
         host=settings.host,
     )
 
@@ -259,8 +247,22 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
         # Outermost first: every request gets an id and a log line, even one refused for its
         # key; then a request without a valid key learns nothing else.
         Middleware(RecordMiddleware, finish=manager.finish_request),
+        # Then a foreign web page is refused, and an allowed one gets its CORS answers
+        # (preflights carry no key).
+        Middleware(OriginMiddleware, policy=policy),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=["*"] if policy.any_origin else [],
+            allow_origin_regex=None if policy.any_origin else policy.origin_regex(),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["*"],
+            # Chrome asks before a public site may call a server on this machine.
+            allow_private_network=True,
+            expose_headers=["x-request-id", "retry-after", "mcp-session-id"],
+        ),
         Middleware(AuthMiddleware, keys=manager.keys, limit=settings.max_concurrent_per_key),
         Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
+        Middleware(BodyDeadlineMiddleware, seconds=settings.request_read_timeout),
     ]
     return Starlette(
         routes=routes,

@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.connections import http_protocol
 
     settings = load_settings(
         {
@@ -79,6 +80,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # Longer than clients keep idle connections (httpx, and so the OpenAI SDK: 5 s), so
             # the server never closes one just as a client reuses it (a spurious ReadError).
             timeout_keep_alive=65,
+            # Slow clients: a deadline for the headers (the body's is a middleware), and a
+            # limit on connections (uvicorn refuses with 503 from the limit on, so +1).
+            http=http_protocol(settings.request_read_timeout),
+            limit_concurrency=settings.max_connections + 1 if settings.max_connections else None,
         )
     finally:
         listener.stop()  # writes what is still queued

@@ -74,6 +74,37 @@ class PermissionDenied(ServiceError):
     code = "model_not_allowed"
 
 
+class HostNotAllowed(PermissionDenied):
+    """A Host header not among this server's names: DNS rebinding, or a name to allow."""
+
+    code = "host_not_allowed"
+
+
+class OriginNotAllowed(PermissionDenied):
+    """A request from a web page whose origin is neither this server nor an allowed one."""
+
+    code = "origin_not_allowed"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(ServiceError):
+    """The request's body did not arrive in time; the connection is closed after the answer,
+    as what is left of the body would otherwise be read as the next request."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class TooManyRequests(ServiceError):
     """The model's queue is full: come back shortly."""
 

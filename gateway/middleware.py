@@ -1,6 +1,7 @@
-"""ASGI middleware: a record of each request (its id, timing and outcome), API-key
-authentication with a per-key concurrency limit, and the request body size cap. Plain ASGI
-rather than BaseHTTPMiddleware, which would buffer and slow streams."""
+"""ASGI middleware: a record of each request (its id, timing and outcome), the Host and Origin
+gate against web pages, API-key authentication with a per-key concurrency limit, the request
+body size cap and its arrival deadline. Plain ASGI rather than BaseHTTPMiddleware, which would
+buffer and slow streams."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ConcurrencyLimit, PayloadTooLarge, ServiceError, Unauthorized
+from gateway.errors import (
+    ConcurrencyLimit,
+    HostNotAllowed,
+    OriginNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Unauthorized,
+)
 from gateway.keys import ApiKeys
+from gateway.origins import HostPolicy
 from gateway.requestlog import RequestRecord, new_request_id
 
 log = logging.getLogger("mlx_manager")
@@ -85,13 +95,53 @@ async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send)
     await response(scope, receive, send)
 
 
+class OriginMiddleware:
+    """Refuse, on every route, a Host that is not a name of this server (DNS rebinding) and an
+    Origin that is neither this server nor an allowed web app (a cross-site request), before
+    the key is checked: a foreign page learns nothing, not even whether a key is needed.
+    Clients that are not browsers send no Origin."""
+
+    def __init__(self, app: ASGIApp, policy: HostPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if not self.policy.host_allowed(host):
+            exc = HostNotAllowed(
+                f"Host {host!r} is not a name of this server, so the request is refused: it is "
+                "how a web page reaches a local server by DNS rebinding. To reach the server by "
+                "this name, add it to MLX_MANAGER_ALLOWED_HOSTS."
+            )
+            await _reject(exc, scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if origin is not None and not self.policy.origin_allowed(origin):
+            exc = OriginNotAllowed(
+                f"Requests from web pages at {origin} are refused: that origin is neither this "
+                "server nor one it allows. To let a web app there call this server, add its "
+                "origin to MLX_MANAGER_ALLOWED_ORIGINS."
+            )
+            await _reject(exc, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# RFC 7235 credentials: a scheme, then one or more spaces or tabs, then the token.
+CREDENTIALS = re.compile(r"([^ \t]+)[ \t]+(.*)", re.DOTALL)
+
+
 def presented_key(headers: Headers) -> str | None:
-    """`Authorization: Bearer KEY` (OpenAI's way) or `x-api-key: KEY` (Anthropic's)."""
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return headers.get("x-api-key") or None
+    """`Authorization: Bearer KEY` (OpenAI's way) or `x-api-key: KEY` (Anthropic's); both
+    trimmed of spaces and tabs, as a pasted key often brings some."""
+    found = CREDENTIALS.fullmatch(headers.get("authorization", "").strip(" \t"))
+    if found and found[1].lower() == "bearer" and found[2].strip(" \t"):
+        return found[2].strip(" \t")
+    return headers.get("x-api-key", "").strip(" \t") or None
 
 
 class AuthMiddleware:
@@ -185,3 +235,38 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+class BodyDeadlineMiddleware:
+    """A request's body must arrive within `seconds` of its headers, or it gets 408 and the
+    connection closes: a client that announces a body and then trickles it, or stops, would
+    otherwise hold its connection and a handler for ever. (The headers' own deadline is in
+    gateway/connections.py; uvicorn has neither.)"""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.seconds:
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        arrived = False
+
+        async def in_time() -> Message:
+            nonlocal arrived
+            if arrived:  # later calls wait for a disconnect, as long as a stream runs
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"The request body did not arrive within {self.seconds:g} s of its headers "
+                    "(MLX_MANAGER_REQUEST_READ_TIMEOUT)."
+                ) from None
+            arrived = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, in_time, send)

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import jsonbody
-from gateway.errors import InvalidRequest, ServiceError
+from gateway.errors import InvalidRequest, ServiceError, UnsupportedMediaType
 from gateway.generation import Choice
 from gateway.pool import Generation, ModelPool
 from gateway.requestlog import RequestRecord, content_of
@@ -40,8 +40,18 @@ def _record(request: Request) -> RequestRecord:
 
 async def json_object(request: Request) -> dict[str, Any]:
     """Every JSON body of /v1 and /admin is parsed here, strictly (gateway/jsonbody.py)."""
+    body = await request.body()
+    # Only JSON sent as JSON: a web page can send any other type (text/plain, a form, none)
+    # without a CORS preflight, so parsing those would let it skip the browser's check.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if body and media_type != "application/json":
+        sent = repr(media_type) if media_type else "none"
+        raise UnsupportedMediaType(
+            "The request body must be JSON, sent with 'Content-Type: application/json' "
+            f"(this one's content type: {sent})."
+        )
     try:
-        data = jsonbody.loads(await request.body())
+        data = jsonbody.loads(body)
     except jsonbody.JSONError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}.") from None
     if not isinstance(data, dict):

@@ -51,7 +51,7 @@ def _generation(summary: str, schema: str) -> dict[str, Any]:
             },
             "responses": _responses(
                 "The completion (JSON), or a stream of SSE chunks",
-                (400, 403, 404, 413, 429, 503, 507),
+                (400, 403, 404, 408, 413, 415, 429, 503, 507),
             ),
         }
     }

@@ -25,6 +25,7 @@ from config.settings import load_settings
 from config.store import Store
 from gateway.keys import ApiKeys, is_loopback
 from tests.conftest import Models
+from tests.raw_http import exchange
 from tests.server import ROOT, Server, free_port, start_server
 from tests.test_cli import as_json, cli
 
@@ -202,5 +203,38 @@ def test_binding_beyond_loopback_needs_a_key(models: Models, tmp_path: Path) -> 
     try:
         assert _status(server, "/v1/models") == 401
         assert _status(server, "/v1/models", **server.headers) == 200
+    finally:
+        server.stop()
+
+
+def test_keys_are_read_whatever_whitespace_surrounds_them(models: Models, tmp_path: Path) -> None:
+    """Authorization is a scheme, then one or more spaces or tabs, then the token (RFC 7235);
+    x-api-key is trimmed as the Bearer token is. Raw sockets: httpx refuses such values."""
+    home = tmp_path / "home"
+    key = "a-long-shared-secret-for-whitespace"
+    server = start_server(home, models.env(home, api_key=key))
+    try:
+        accepted = [
+            {"Authorization": f"Bearer\t{key}"},
+            {"Authorization": f"Bearer \t  {key}"},
+            {"Authorization": f"bearer {key}\t"},
+            {"x-api-key": f"{key} "},
+            {"x-api-key": f"{key}\t"},
+            {"x-api-key": f"\t{key}"},
+        ]
+        for headers in accepted:
+            reply = exchange(server.port, "GET", "/v1/models", headers)
+            assert reply.status == 200, (headers, reply.body)
+        refused = [
+            {"Authorization": f"Bearer{key}"},  # no separator: not the Bearer scheme
+            {"Authorization": "Bearer \t "},
+            {"x-api-key": f"{key} x"},
+        ]
+        for headers in refused:
+            reply = exchange(server.port, "GET", "/v1/models", headers)
+            assert reply.status == 401, (headers, reply.body)
+        # A tab after the scheme names the key as wrong, not as missing.
+        wrong = exchange(server.port, "GET", "/v1/models", {"Authorization": "Bearer\tnope"})
+        assert wrong.json()["error"]["message"] == "Invalid API key."
     finally:
         server.stop()

@@ -39,6 +39,8 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
         ("", {"MLX_MANAGER_LOG_RETENTION": "30d,0"}, "log retention"),
         ("", {"MLX_MANAGER_LOG_FORMAT": "xml"}, "'log_format'"),
         ("", {"MLX_MANAGER_LOG_CONTENT": "maybe"}, "'log_content'"),
+        ("", {"MLX_MANAGER_REQUEST_READ_TIMEOUT": "-1"}, "'request_read_timeout'"),
+        ("", {"MLX_MANAGER_MAX_CONNECTIONS": "many"}, "'max_connections'"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path: Path, toml: str, env: dict, fragment: str) -> None:
