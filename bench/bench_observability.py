@@ -60,9 +60,10 @@ def stream_rates(http: httpx.Client, url: str, n: int, tokens: int) -> list[floa
 
 def in_process(root: Path, n: int) -> tuple[float, float]:
     """(CPU µs to finish one record on the request's thread, rows/s the writer stores)."""
+    from gateway.backend import LocalBackend
     from gateway.logs import TextFormatter
-    from gateway.manager import Manager
     from gateway.requestlog import RequestRecord
+    from gateway.service import Service
 
     home = root / "inproc"
     settings = load_settings(
@@ -76,7 +77,9 @@ def in_process(root: Path, n: int) -> tuple[float, float]:
     listener = logging.handlers.QueueListener(lines, handler)
     listener.start()
     logging.basicConfig(level="INFO", handlers=[logging.handlers.QueueHandler(lines)])
-    manager = Manager(settings)
+    service = Service(settings)
+    backend = service.backend
+    assert isinstance(backend, LocalBackend)
     records = []
     for _ in range(n):
         r = RequestRecord("/v1/chat/completions", model="tiny", model_id="tiny")
@@ -88,11 +91,11 @@ def in_process(root: Path, n: int) -> tuple[float, float]:
     # and the database writes happen on other threads, and would only add GIL waits here).
     start, cpu = time.perf_counter(), time.thread_time()
     for r in records:
-        manager.finish_request(r)
+        service.finish_request(r)
     finish_us = (time.thread_time() - cpu) / n * 1e6
-    manager.request_log.flush(timeout=60)
+    backend.request_log.flush(timeout=60)
     rows_per_s = n / (time.perf_counter() - start)
-    manager.request_log.close()
+    backend.request_log.close()
     listener.stop()
     return finish_us, rows_per_s
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +18,6 @@ from config.settings import Settings, load_settings
 from gateway import openai_api
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.keys import write_token_file
-from gateway.manager import Manager
 from gateway.metrics import CONTENT_TYPE
 from gateway.middleware import (
     AuthMiddleware,
@@ -32,76 +30,67 @@ from gateway.openai_api import json_object, parse_body
 from gateway.openapi import openapi_document
 from gateway.origins import host_policy
 from gateway.schemas import LoadBody, UnloadBody
+from gateway.service import Service
 from mcp_tools.server import build_mcp
 
 log = logging.getLogger("mlx_manager")
 
 
 async def health(request: Request) -> Response:
-    manager: Manager = request.app.state.manager
-    loaded = sum(s["state"] == "ready" for s in await manager.list_loaded())
+    service: Service = request.app.state.service
+    loaded = sum(s["state"] == "ready" for s in await service.list_loaded())
     return JSONResponse({"status": "ok", "service": "mlx-manager", "loaded": loaded})
 
 
 async def workers(request: Request) -> Response:
     """Models with their worker state, and the memory budget: the pool's status over HTTP."""
-    manager: Manager = request.app.state.manager
-    memory = await manager.memory()
-    return JSONResponse(
-        {
-            "data": await manager.list_loaded(),
-            "memory_budget_bytes": memory["budget_bytes"],
-            "memory_used_bytes": memory["used_bytes"],
-            "memory_estimate_factor": manager.pool.estimate.factor,
-            "spare": manager.pool.spare_status(),
-        }
-    )
+    return JSONResponse(await request.app.state.service.workers())
 
 
 async def load_model(request: Request) -> Response:
     body = await parse_body(request, LoadBody)
-    return JSONResponse(await request.app.state.manager.load(body.model))
+    return JSONResponse(await request.app.state.service.load(body.model))
 
 
 async def unload_model(request: Request) -> Response:
     body = await parse_body(request, UnloadBody)
-    return JSONResponse(await request.app.state.manager.unload(body.model, force=body.force))
+    return JSONResponse(await request.app.state.service.unload(body.model, force=body.force))
 
 
 async def start_download(request: Request) -> Response:
     body = await parse_body(request, LoadBody)
-    manager: Manager = request.app.state.manager
-    return JSONResponse(await manager.download_model(body.model, wait=False), status_code=202)
+    service: Service = request.app.state.service
+    return JSONResponse(await service.download_model(body.model, wait=False), status_code=202)
 
 
 async def downloads(request: Request) -> Response:
-    return JSONResponse({"data": request.app.state.manager.download_status()})
+    return JSONResponse({"data": await request.app.state.service.download_status()})
 
 
 async def download(request: Request) -> Response:
-    manager: Manager = request.app.state.manager
+    service: Service = request.app.state.service
     if request.method == "DELETE":
-        return JSONResponse(await manager.cancel_download(request.path_params["id"]))
-    return JSONResponse(manager.download_status(request.path_params["id"]))
+        return JSONResponse(await service.cancel_download(request.path_params["id"]))
+    return JSONResponse(await service.download_status(request.path_params["id"]))
 
 
 async def profiles(request: Request) -> Response:
-    manager: Manager = request.app.state.manager
+    service: Service = request.app.state.service
     if request.method == "POST":
-        return JSONResponse(await manager.create_profile(await json_object(request)), 201)
-    return JSONResponse({"data": manager.list_profiles()})
+        return JSONResponse(await service.create_profile(await json_object(request)), 201)
+    return JSONResponse({"data": await service.list_profiles()})
 
 
 async def profile(request: Request) -> Response:
-    manager: Manager = request.app.state.manager
+    service: Service = request.app.state.service
     name = request.path_params["name"]
     if request.method == "PATCH":
         changes = await json_object(request)
         clear = changes.pop("clear", None) or []
-        return JSONResponse(await manager.update_profile(name, changes, clear))
+        return JSONResponse(await service.update_profile(name, changes, clear))
     if request.method == "DELETE":
-        return JSONResponse(manager.delete_profile(name))
-    return JSONResponse(manager.get_profile(name))
+        return JSONResponse(await service.delete_profile(name))
+    return JSONResponse(await service.get_profile(name))
 
 
 async def openapi(request: Request) -> Response:
@@ -109,8 +98,8 @@ async def openapi(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    manager: Manager = request.app.state.manager
-    return Response(manager.metrics.exposition(), media_type=CONTENT_TYPE)
+    service: Service = request.app.state.service
+    return Response(await service.metrics(), media_type=CONTENT_TYPE)
 
 
 def _int(request: Request, name: str, default: int | None = None) -> int | None:
@@ -126,8 +115,7 @@ def _int(request: Request, name: str, default: int | None = None) -> int | None:
 async def requests_log(request: Request) -> Response:
     """GET /admin/requests?model=&key=&status=&errors=1&since=1h&limit=50&after_id="""
     q = request.query_params
-    rows = await asyncio.to_thread(
-        request.app.state.manager.requests_log,
+    rows = await request.app.state.service.requests_log(
         model=q.get("model") or None,
         key=q.get("key") or None,
         status=_int(request, "status"),
@@ -143,19 +131,17 @@ async def requests_log(request: Request) -> Response:
 async def usage(request: Request) -> Response:
     """GET /admin/usage?since=24h&by=model|key|model,key|total"""
     q = request.query_params
-    stats = await asyncio.to_thread(
-        request.app.state.manager.usage_stats, q.get("since") or "24h", q.get("by") or "model"
+    stats = await request.app.state.service.usage_stats(
+        q.get("since") or "24h", q.get("by") or "model"
     )
     return JSONResponse(stats)
 
 
 async def worker_logs(request: Request) -> Response:
     """GET /admin/logs/{model}?lines=100: a model's worker log."""
-    manager: Manager = request.app.state.manager
+    service: Service = request.app.state.service
     lines = _int(request, "lines", 100) or 100
-    return JSONResponse(
-        await asyncio.to_thread(manager.worker_logs, request.path_params["model"], lines)
-    )
+    return JSONResponse(await service.worker_logs(request.path_params["model"], lines))
 
 
 def _note_error(request: Request, message: str) -> None:
@@ -196,11 +182,11 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=500)
 
 
-def create_app(settings: Settings | None = None, manager: Manager | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, service: Service | None = None) -> Starlette:
     settings = settings or load_settings()
-    manager = manager or Manager(settings)
+    service = service or Service(settings)
     policy = host_policy(settings)
-    mcp = build_mcp(manager)
+    mcp = build_mcp(service)
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp",
         transport_security=policy.transport_security(),
@@ -209,15 +195,15 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.settings, app.state.manager, app.state.pool = settings, manager, manager.pool
-        manager.keys.add_local_token(write_token_file(settings))
-        await manager.start()
+        app.state.settings, app.state.service = settings, service
+        service.keys.add_local_token(write_token_file(settings))
+        await service.start()
         try:
             # Starlette does not run a mounted app's lifespan: MCP's session manager runs here.
             async with mcp.session_manager.run():
                 yield
         finally:
-            await manager.close()
+            await service.close()
             settings.token_file().unlink(missing_ok=True)
 
     routes = [
@@ -246,7 +232,7 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
     middleware = [
         # Outermost first: every request gets an id and a log line, even one refused for its
         # key; then a request without a valid key learns nothing else.
-        Middleware(RecordMiddleware, finish=manager.finish_request),
+        Middleware(RecordMiddleware, finish=service.finish_request),
         # Then a foreign web page is refused, and an allowed one gets its CORS answers
         # (preflights carry no key).
         Middleware(OriginMiddleware, policy=policy),
@@ -260,7 +246,7 @@ def create_app(settings: Settings | None = None, manager: Manager | None = None)
             allow_private_network=True,
             expose_headers=["x-request-id", "retry-after", "mcp-session-id"],
         ),
-        Middleware(AuthMiddleware, keys=manager.keys, limit=settings.max_concurrent_per_key),
+        Middleware(AuthMiddleware, keys=service.keys, limit=settings.max_concurrent_per_key),
         Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
         Middleware(BodyDeadlineMiddleware, seconds=settings.request_read_timeout),
     ]

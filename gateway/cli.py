@@ -17,7 +17,7 @@ from gateway.errors import ServiceError
 from gateway.hub import scan_local_models
 from gateway.keys import check_bind
 from gateway.logs import setup_logging
-from gateway.manager import Manager, RemoteManager, running_server
+from gateway.service import Service, connect
 
 DEMO_MODEL = "demo-random"
 
@@ -55,23 +55,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "insecure_no_auth": args.insecure_no_auth or None,
         }
     )
-    manager = Manager(settings)
+    service = Service(settings)
     try:
-        check_bind(settings, manager.keys)
+        check_bind(settings, service.keys)
     except ServiceError as e:
         print(f"mlx-manager: {e.message}", file=sys.stderr)
         return 2
     listener = setup_logging(settings)
     if not args.no_demo:
         ensure_demo_model(settings)
-    auth = "API key required" if manager.keys.required() else "no API key required"
+    auth = "API key required" if service.keys.required() else "no API key required"
     print(
         f"mlx-manager serving on http://{settings.host}:{settings.port}/v1 ({auth})",
         file=sys.stderr,
     )
     try:
         uvicorn.run(
-            create_app(settings, manager),
+            create_app(settings, service),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
@@ -100,19 +100,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-async def _manager(settings: Settings) -> Manager:
-    """The running server's workers when one is up; otherwise this process's own."""
-    url = await running_server(settings)
-    return RemoteManager(settings, url) if url else Manager(settings)
+def _run(
+    args: argparse.Namespace, work: Callable[[Service], Awaitable[Any]], server: bool = False
+) -> int:
+    """Run `work` on the service: the running server's workers when one is up, otherwise
+    this process's own (or, with `server`, an error saying to start one)."""
 
-
-def _run(args: argparse.Namespace, work: Callable[[Manager], Awaitable[Any]]) -> int:
     async def main() -> Any:
-        manager = await _manager(_settings(args))
+        service = await connect(_settings(args), server_only=server)
         try:
-            return await work(manager)
+            return await work(service)
         finally:
-            await manager.close()
+            await service.close()
 
     try:
         result = asyncio.run(main())
@@ -161,12 +160,12 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     logging.basicConfig(level="WARNING", stream=sys.stderr)  # stdout carries the protocol
 
     async def main() -> None:
-        manager = await _manager(settings)
-        await manager.start()
+        service = await connect(settings)
+        await service.start()
         try:
-            await build_mcp(manager).run_stdio_async()
+            await build_mcp(service).run_stdio_async()
         finally:
-            await manager.close()
+            await service.close()
 
     asyncio.run(main())
     return 0
@@ -220,26 +219,22 @@ PS_COLUMNS: dict[str, Column] = {
 def cmd_ps(args: argparse.Namespace) -> int:
     """Loaded models on the running server; --watch redraws every --interval seconds."""
 
-    async def ps(manager: Manager) -> Any:
-        if not isinstance(manager, RemoteManager):
-            raise ServiceError(
-                "No mlx-manager server is running here; start one with `mlx-manager serve`."
-            )
+    async def ps(service: Service) -> Any:
         while True:
-            rows = await manager.list_loaded()
+            rows = await service.list_loaded()
             if not args.watch:
-                return rows if args.json else _ps_table(rows, await manager.memory())
+                return rows if args.json else _ps_table(rows, await service.memory())
             if args.json:
                 print(json.dumps(rows), flush=True)
             else:
-                screen = _ps_table(rows, await manager.memory())
+                screen = _ps_table(rows, await service.memory())
                 clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
                 stamp = time.strftime("%H:%M:%S")
                 print(f"{clear}{stamp}  every {args.interval:g}s, Ctrl-C to stop", flush=True)
                 print(screen, flush=True)
             await asyncio.sleep(args.interval)
 
-    return _interruptible(lambda: _run(args, ps))
+    return _interruptible(lambda: _run(args, ps, server=True))
 
 
 def _ps_table(rows: list[dict[str, Any]], memory: dict[str, int]) -> str:
@@ -292,19 +287,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
         "since": args.since,
     }
 
-    async def requests(manager: Manager) -> Any:
-        rows = list(reversed(manager.requests_log(**filters, limit=args.limit)))
+    async def requests(service: Service) -> Any:
+        rows = list(reversed(await service.requests_log(**filters, limit=args.limit)))
         if not args.follow:
             if args.json or rows:
                 return rows if args.json else _table(_shown(rows, REQUEST_COLUMNS))
-            off = not manager.request_log.enabled
+            off = not service.request_log_enabled
             return (
                 "(none: the request log is off, MLX_MANAGER_LOG_RETENTION=0)" if off else "(none)"
             )
         last = _print_requests(rows, args.json, header=True, last=0)
         while True:
             await asyncio.sleep(FOLLOW_SECONDS)
-            rows = manager.requests_log(**filters, after_id=last, limit=1000)
+            rows = await service.requests_log(**filters, after_id=last, limit=1000)
             last = _print_requests(rows, args.json, header=False, last=last)
 
     return _interruptible(lambda: _run(args, requests))
@@ -330,9 +325,9 @@ def _print_requests(rows: list[dict[str, Any]], as_json: bool, header: bool, las
     return max([last, *(r["id"] for r in rows)])
 
 
-def _worker_log(args: argparse.Namespace) -> Callable[[Manager], Awaitable[Any]]:
-    async def show(manager: Manager) -> Any:
-        found = manager.worker_logs(args.model, args.limit)
+def _worker_log(args: argparse.Namespace) -> Callable[[Service], Awaitable[Any]]:
+    async def show(service: Service) -> Any:
+        found = await service.worker_logs(args.model, args.limit)
         if args.json and not args.follow:
             return found
         for line in found["lines"]:
@@ -361,8 +356,8 @@ def _worker_log(args: argparse.Namespace) -> Callable[[Manager], Awaitable[Any]]
 def cmd_usage(args: argparse.Namespace) -> int:
     """Usage from the request log over a window, per model, per key or both."""
 
-    async def usage(manager: Manager) -> Any:
-        stats = manager.usage_stats(args.since, args.by)
+    async def usage(service: Service) -> Any:
+        stats = await service.usage_stats(args.since, args.by)
         if args.json:
             return stats
         groups = {"model": ["model"], "key": ["key_name"], "model,key": ["model", "key_name"]}
@@ -373,15 +368,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    async def load(manager: Manager) -> dict[str, Any]:
-        if not isinstance(manager, RemoteManager):
-            raise ServiceError(
-                "No mlx-manager server is running here to load the model into; "
-                "start one with `mlx-manager serve`."
-            )
-        return await manager.load(args.name, _progress_line)
-
-    return _run(args, load)
+    return _run(args, lambda m: m.load(args.name, _progress_line), server=True)
 
 
 async def _progress_line(state: str, elapsed: float, message: str) -> None:
@@ -408,9 +395,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
             bar.total = job["bytes_total"]
         bar.update(job["bytes_done"] - bar.n)
 
-    async def pull(manager: Manager) -> dict[str, Any]:
+    async def pull(service: Service) -> dict[str, Any]:
         try:
-            job = await manager.download_model(args.name, progress)
+            job = await service.download_model(args.name, progress)
         finally:
             bar.close()
         if job["status"] != "done":
@@ -446,31 +433,31 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         fields["pinned"] = args.pinned
     action = args.action
     if action == "list":
-        return _run(args, lambda m: _async(m.list_profiles()))
+        return _run(args, lambda m: m.list_profiles())
     if not args.name:
         print(f"mlx-manager: profiles {action} needs a NAME", file=sys.stderr)
         return 2
     if action == "show":
-        return _run(args, lambda m: _async(m.get_profile(args.name)))
+        return _run(args, lambda m: m.get_profile(args.name))
     if action == "create":
         return _run(args, lambda m: m.create_profile({"name": args.name, **fields}))
     if action == "update":
         return _run(args, lambda m: m.update_profile(args.name, fields))
-    return _run(args, lambda m: _async(m.delete_profile(args.name)))
+    return _run(args, lambda m: m.delete_profile(args.name))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """API keys live in the local database: managed here, never over the network."""
-    manager = Manager(_settings(args))
+    service = Service(_settings(args))
     name = args.name or args.positional_name
     try:
         if args.action == "list":
-            result: Any = manager.list_keys()
+            result: Any = asyncio.run(service.list_keys())
         elif not name:
             print(f"mlx-manager: keys {args.action} needs --name NAME", file=sys.stderr)
             return 2
         elif args.action == "create":
-            result = manager.create_key(name)
+            result = asyncio.run(service.create_key(name))
             if not args.json:
                 print(
                     f"Created API key '{name}'. Copy it now: it is not shown again.\n\n"
@@ -480,16 +467,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 )
                 return 0
         else:
-            result = manager.revoke_key(name)
+            result = asyncio.run(service.revoke_key(name))
     except ServiceError as e:
         print(f"mlx-manager: {e.message}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else _table(result))
     return 0
-
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 def _positive(text: str) -> float:

@@ -154,3 +154,31 @@ class ConcurrencyLimit(TooManyRequests):
     """This API key has as many requests in flight as it may."""
 
     code = "concurrency_limit"
+
+
+def from_body(status: int, content: bytes) -> ServiceError:
+    """The error a server's OpenAI error body stands for: the class with its status and code
+    (the most specific one), keeping its message and param (a remote call's error, raised
+    again here)."""
+    import json
+
+    try:
+        err = json.loads(content)["error"]
+        message, param, code = err["message"], err.get("param"), err.get("code")
+    except (ValueError, KeyError, TypeError):
+        message, param, code = f"HTTP {status}: {content[:200]!r}", None, None
+    matches = [c for c in _classes(ServiceError) if c.status == status]
+    cls = next((c for c in matches if c.code == code), None) or next(
+        (c for c in matches if c.code is None or c.__base__ is ServiceError), ServiceError
+    )
+    error = cls(message, param=param)
+    if cls is ServiceError:
+        error.status = status
+    return error
+
+
+def _classes(base: type[ServiceError]) -> list[type[ServiceError]]:
+    found = []
+    for sub in base.__subclasses__():
+        found += [sub, *_classes(sub)]
+    return found

@@ -20,10 +20,24 @@ from gateway import logs
 from gateway.errors import InvalidRequest, ModelUnavailable
 from gateway.hub import LocalModel
 from gateway.pipe import LoopPipe
+from gateway.protocol import (
+    Activity,
+    Cancel,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    Heartbeat,
+    Load,
+    LoadFailed,
+    Ready,
+    Stop,
+    Warm,
+)
 
 log = logging.getLogger("mlx_manager.worker")
 _rids = itertools.count()
-Sink = Callable[[tuple[Any, ...]], None]
+Sink = Callable[[Event], None]
 
 
 class WorkerProcess:
@@ -119,7 +133,7 @@ class WorkerHandle:
         self._ready = self._loop.create_future()
         self.heard = time.monotonic()
         self._pipe.attach(self._loop, self._dispatch_all, self._on_eof)
-        self._pipe.send(("load", str(self.model.path), self.options))
+        self._pipe.send(Load(str(self.model.path), self.options))
         self._watch()
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
@@ -134,7 +148,7 @@ class WorkerHandle:
             raise ModelUnavailable(f"Model '{self.model.id}' is not loaded (state {self.state}).")
         rid = f"r{next(_rids)}"
         try:
-            self._pipe.send(("gen", rid, req))
+            self._pipe.send(Generate(rid, req))
         except OSError:
             raise ModelUnavailable(
                 f"Model '{self.model.id}' is unavailable: its worker has gone. Retry the request."
@@ -150,7 +164,7 @@ class WorkerHandle:
         """Stop generating for a request whose client went away."""
         if self._sinks.pop(rid, None) is not None and self.state == "ready" and self._pipe:
             try:
-                self._pipe.send(("cancel", rid))
+                self._pipe.send(Cancel(rid))
             except OSError:
                 pass
 
@@ -165,30 +179,31 @@ class WorkerHandle:
         if isinstance(msg, list):  # one decode step's events
             sinks = self._sinks
             for ev in msg:
-                tag = ev[0]
-                if tag == "a":
-                    self._measure_rate(ev[1], ev[2])
-                    self.worker_active, self.generated_tokens = ev[1], ev[2]
-                    self.info["memory_bytes"] = ev[3]
+                if isinstance(ev, Activity):
+                    self._measure_rate(ev.active, ev.generated)
+                    self.worker_active, self.generated_tokens = ev.active, ev.generated
+                    self.info["memory_bytes"] = ev.memory_bytes
                     continue
-                sink = sinks.get(ev[1])
+                sink = sinks.get(ev.seq)
                 if sink is None:
                     continue  # a cancelled request's last tokens
-                if tag in ("f", "e"):
-                    del sinks[ev[1]]
+                if isinstance(ev, Finished | Failed):
+                    del sinks[ev.seq]
                 sink(ev)
-        elif msg[0] in ("hb", "warm"):
-            pass  # alive (the heartbeat); imports done (the load message is on its way)
-        elif msg[0] == "ready":
-            self.info = msg[1]
+        elif isinstance(msg, Heartbeat | Warm):
+            pass  # alive; imports done (the load message is on its way)
+        elif isinstance(msg, Ready):
+            self.info = msg.info
             self.state = "ready"
-            log.info("loaded %s in %.2fs (pid %s)", self.model.id, msg[1]["load_seconds"], self.pid)
+            log.info(
+                "loaded %s in %.2fs (pid %s)", self.model.id, msg.info["load_seconds"], self.pid
+            )
             if self._ready and not self._ready.done():
                 self._ready.set_result(None)
-        elif msg[0] == "load_error":
-            where = f" (traceback in {self.log_file})" if self.log_file else f"\n{msg[2]}"
-            log.error("worker for %s failed to load: %s%s", self.model.id, msg[1], where)
-            self._fail(f"failed to load: {msg[1]}")
+        elif isinstance(msg, LoadFailed):
+            where = f" (traceback in {self.log_file})" if self.log_file else f"\n{msg.traceback}"
+            log.error("worker for %s failed to load: %s%s", self.model.id, msg.error, where)
+            self._fail(f"failed to load: {msg.error}")
 
     def _on_eof(self) -> None:
         """The worker closed its end: it exited (or is exiting). Its exit status names the
@@ -289,7 +304,7 @@ class WorkerHandle:
             self._ready.exception()  # mark retrieved: start() may have timed out already
         sinks, self._sinks = self._sinks, {}
         for rid, sink in sinks.items():
-            sink(("e", rid, "ModelUnavailable", message))
+            sink(Failed(rid, "ModelUnavailable", message))
         self._close_pipe()
         proc = self._proc
         if proc is not None and proc.poll() is None:
@@ -322,8 +337,7 @@ class WorkerHandle:
         sinks, self._sinks = self._sinks, {}
         for rid, sink in sinks.items():
             sink(
-                (
-                    "e",
+                Failed(
                     rid,
                     "ModelUnavailable",
                     f"Model '{self.model.id}' stopped before finishing: {reason}.",
@@ -331,7 +345,7 @@ class WorkerHandle:
             )
         if self._pipe is not None and not was_failed:
             try:
-                self._pipe.send(("stop",))
+                self._pipe.send(Stop())
             except OSError:
                 pass
         proc = self._proc

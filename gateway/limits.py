@@ -1,4 +1,4 @@
-"""Request limits a server owner sets (MLX_MANAGER_MAX_*): checked once, in the pool, for
+"""Request limits a server owner sets (MLX_MANAGER_MAX_*): checked once, in the service, for
 every way in (/v1, MCP `chat`), before a request takes a place in a model's queue."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from config.settings import Settings
 from gateway.errors import InvalidRequest
-from gateway.generation import GenerationRequest
+from gateway.request import GenerationRequest
 
 
 def check(request: GenerationRequest, settings: Settings) -> None:

@@ -17,19 +17,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import jsonbody
+from gateway.backend import Stream
 from gateway.errors import InvalidRequest, ServiceError, UnsupportedMediaType
-from gateway.generation import Choice
-from gateway.pool import Generation, ModelPool
-from gateway.requestlog import RequestRecord, content_of
+from gateway.protocol import Finished, Logprob, Reasoning, Text, ToolCallArgs, ToolCallStart
+from gateway.request import Choice
+from gateway.requestlog import RequestRecord
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.service import Service
+from gateway.stream import Usage
 
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
 SSE_PING_SECONDS = 15
 
 
-def _pool(request: Request) -> ModelPool:
-    return request.app.state.pool
+def _service(request: Request) -> Service:
+    return request.app.state.service
 
 
 def _record(request: Request) -> RequestRecord:
@@ -83,61 +86,40 @@ _TYPES = {"str", "int", "float", "bool", "list", "dict", "function-after", "Text
 # Models ---------------------------------------------------------------------------------------
 
 
-def model_entries(pool: ModelPool) -> list[dict[str, Any]]:
-    """Every name a request can use: local models, then profiles (marked `owned_by: profile`)."""
-    loaded = {s["path"] for s in pool.status() if s["state"] == "ready"}
-    entries = []
-    models = [m for m in pool.catalog.models() if pool.allowed(m.id)]
-    for m in models:
-        entries.append(
-            {
-                "id": m.id,
-                "object": "model",
-                "created": m.created,
-                "owned_by": m.id.split("/")[0] if "/" in m.id else "local",
-                "loaded": str(m.path) in loaded,
-                "context_length": m.context_length,
-                "size_bytes": m.size_bytes,
-                **({"description": m.description} if m.description else {}),
-            }
-        )
-    # Each name once: a profile name or alias that a model id takes is not usable, so not listed.
-    for name, p, model in pool.catalog.profile_names():
-        entries.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "profile",
-                "model": p["model"],
-                "loaded": model is not None and str(model.path) in loaded,
-            }
-        )
-    return entries
+def _entry(e: dict[str, Any]) -> dict[str, Any]:
+    """One name as OpenAI lists a model; profiles are `owned_by: profile`."""
+    if "profile" in e:
+        return {
+            "id": e["id"],
+            "object": "model",
+            "created": 0,
+            "owned_by": "profile",
+            "model": e["model"],
+            "loaded": e["loaded"],
+        }
+    name = e["id"]
+    entry = {
+        "id": name,
+        "object": "model",
+        "created": e["created"],
+        "owned_by": name.split("/")[0] if "/" in name and not name.startswith("/") else "local",
+        "loaded": e["loaded"],
+        "context_length": e["context_length"],
+    }
+    if "size_bytes" in e:
+        entry["size_bytes"] = e["size_bytes"]
+    if e.get("description"):
+        entry["description"] = e["description"]
+    return entry
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": model_entries(_pool(request))})
+    names = await _service(request).names()
+    return JSONResponse({"object": "list", "data": [_entry(e) for e in names]})
 
 
 async def get_model(request: Request) -> Response:
-    pool = _pool(request)
-    name = request.path_params["model_id"]
-    resolved = pool.resolve(name)  # raises model_not_found with close matches
-    for entry in model_entries(pool):
-        if entry["id"] == name:
-            return JSONResponse(entry)
-    # An absolute path: not listed, but usable.
-    return JSONResponse(
-        {
-            "id": name,
-            "object": "model",
-            "created": resolved.model.created,
-            "owned_by": "local",
-            "loaded": pool.is_loaded(resolved),
-            "context_length": resolved.model.context_length,
-        }
-    )
+    return JSONResponse(_entry(await _service(request).name(request.path_params["model_id"])))
 
 
 # Generation -----------------------------------------------------------------------------------
@@ -167,17 +149,17 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
-def _usage(gen: Generation, n: int, completion_tokens: int) -> dict[str, Any]:
-    prompt, cached = gen.prompt_usage(n)
+def _usage(usage: Usage) -> dict[str, Any]:
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
-def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
+def _chat_logprobs(entries: list[Logprob]) -> dict[str, Any]:
     def item(token: str, lp: float) -> dict[str, Any]:
         return {"token": token, "logprob": lp, "bytes": list(token.encode())}
 
@@ -190,7 +172,7 @@ def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
     }
 
 
-def _completion_logprobs(entries: list[Any], offset: int = 0) -> dict[str, Any]:
+def _completion_logprobs(entries: list[Logprob], offset: int = 0) -> dict[str, Any]:
     offsets = []
     for t, _, _ in entries:
         offsets.append(offset)
@@ -242,60 +224,63 @@ class _Endpoint:
             "finish_reason": c.finish_reason,
         }
 
-    def chunk_renderer(self, n: int) -> Callable[[tuple[Any, ...]], str]:
+    def chunk_renderer(self, n: int) -> Callable[[Text | Reasoning | Finished], str]:
         """Renders one stream event as the JSON of one choice of a chunk (hot path)."""
         if self.chat:
 
-            def chat(ev: tuple[Any, ...]) -> str:
-                if ev[0] == "r":
+            def chat(ev: Text | Reasoning | Finished) -> str:
+                if isinstance(ev, Text):
+                    lp = "null"
+                    if ev.logprob is not None:
+                        lp = json.dumps(_chat_logprobs([ev.logprob]))
                     return (
-                        f'{{"index": {ev[1]}, "delta": '
-                        f'{{"reasoning_content": {json.dumps(ev[2])}}}, '
+                        f'{{"index": {ev.seq}, "delta": {{"content": {json.dumps(ev.text)}}}, '
+                        f'"logprobs": {lp}, "finish_reason": null}}'
+                    )
+                if isinstance(ev, Reasoning):
+                    return (
+                        f'{{"index": {ev.seq}, "delta": '
+                        f'{{"reasoning_content": {json.dumps(ev.text)}}}, '
                         '"logprobs": null, "finish_reason": null}'
                     )
-                if ev[0] == "f":
-                    return (
-                        f'{{"index": {ev[1]}, "delta": {{}}, "logprobs": null, '
-                        f'"finish_reason": "{ev[2]}"}}'
-                    )
-                lp = json.dumps(_chat_logprobs([ev[3]])) if ev[3] is not None else "null"
                 return (
-                    f'{{"index": {ev[1]}, "delta": {{"content": {json.dumps(ev[2])}}}, '
-                    f'"logprobs": {lp}, "finish_reason": null}}'
+                    f'{{"index": {ev.seq}, "delta": {{}}, "logprobs": null, '
+                    f'"finish_reason": "{ev.reason}"}}'
                 )
 
             return chat
         offsets = [0] * n  # text_offset of each choice's next token
 
-        def completion(ev: tuple[Any, ...]) -> str:
-            if ev[0] == "f":
+        def completion(ev: Text | Reasoning | Finished) -> str:
+            if isinstance(ev, Finished):
                 return (
-                    f'{{"index": {ev[1]}, "text": "", "logprobs": null, '
-                    f'"finish_reason": "{ev[2]}"}}'
+                    f'{{"index": {ev.seq}, "text": "", "logprobs": null, '
+                    f'"finish_reason": "{ev.reason}"}}'
                 )
             lp = "null"
-            if ev[3] is not None:
-                lp = json.dumps(_completion_logprobs([ev[3]], offsets[ev[1]]))
-                offsets[ev[1]] += len(ev[3][0])
+            if isinstance(ev, Text) and ev.logprob is not None:
+                lp = json.dumps(_completion_logprobs([ev.logprob], offsets[ev.seq]))
+                offsets[ev.seq] += len(ev.logprob.token)
             return (
-                f'{{"index": {ev[1]}, "text": {json.dumps(ev[2])}, "logprobs": {lp}, '
+                f'{{"index": {ev.seq}, "text": {json.dumps(ev.text)}, "logprobs": {lp}, '
                 '"finish_reason": null}'
             )
 
         return completion
 
     @staticmethod
-    def tool_call_chunk(ev: tuple[Any, ...], position: int) -> str:
-        """One piece of a streamed tool call: its id and name first ("tc"), then its arguments
-        as they are written ("ta"). Each call of a choice has its own `index`."""
+    def tool_call_chunk(ev: ToolCallStart | ToolCallArgs, position: int) -> str:
+        """One piece of a streamed tool call: its id and name first, then its arguments as
+        they are written. Each call of a choice has its own `index`."""
         call: dict[str, Any] = {"index": position}
-        if ev[0] == "tc":
-            call |= {"id": ev[2], "type": "function", "function": {"name": ev[3], "arguments": ""}}
+        if isinstance(ev, ToolCallStart):
+            function = {"name": ev.name, "arguments": ""}
+            call |= {"id": ev.call_id, "type": "function", "function": function}
         else:
-            call["function"] = {"arguments": ev[2]}
+            call["function"] = {"arguments": ev.text}
         return json.dumps(
             {
-                "index": ev[1],
+                "index": ev.seq,
                 "delta": {"tool_calls": [call]},
                 "logprobs": None,
                 "finish_reason": None,
@@ -313,87 +298,52 @@ class _Endpoint:
         ]
 
     async def handle(self, request: Request) -> Response:
-        record = _record(request)
         body = await parse_body(request, self.schema)
-        record.model, record.stream = body.model, bool(body.stream)
-        pool = _pool(request)
-        resolved = pool.resolve(body.model)
-        record.resolved(resolved)
-        keep_text = request.app.state.settings.log_content
-        if keep_text:
-            asked = body.prompt if not self.chat else body.model_dump(exclude_none=True)["messages"]
-            record.prompt = content_of(asked)
         meta = _Meta(self.prefix, body.model)
-        work = pool.generate(resolved, body.generation_requests(), body.keep_alive_seconds)
+        generate = body.generate_request()
+        work = _service(request).generate(generate, _record(request))
         try:
+            stream = await _unless_disconnected(request, work)
             if body.stream:
-                gen = await _unless_disconnected(request, work)
                 return EventSourceResponse(
-                    self._stream(gen, meta, body, record, keep_text),
+                    self._stream(stream, meta, len(generate.choices), body.include_usage),
                     ping=SSE_PING_SECONDS,
                     sep="\n",
                 )
-            gen, choices = await _unless_disconnected(request, _collect(work, record, body.n))
+            choices = await _unless_disconnected(request, stream.collect())
         except ClientDisconnected:
             return Response(status_code=499)
-        if keep_text:
-            record.completion = _texts([c.text for c in choices])
         return JSONResponse(
             {
                 **meta.head(self.obj),
                 "choices": [self.choice(c, body) for c in choices],
-                "usage": _usage(gen, body.n, sum(c.completion_tokens for c in choices)),
+                "usage": _usage(stream.usage),
             }
         )
 
     async def _stream(
-        self, gen: Generation, meta: _Meta, body: Any, record: RequestRecord, keep_text: bool
+        self, stream: Stream, meta: _Meta, choices: int, include_usage: bool
     ) -> AsyncIterator[str]:
-        pre, post = meta.chunk_frame(self.chunk_obj, body.include_usage)
-        render = self.chunk_renderer(len(gen.requests))
-        tokens = 0
-        texts: list[list[str]] = [[] for _ in gen.requests]  # only with log_content
+        pre, post = meta.chunk_frame(self.chunk_obj, include_usage)
+        render = self.chunk_renderer(choices)
         try:
-            for first in self.first_chunks(len(gen.requests)):
+            for first in self.first_chunks(choices):
                 yield pre + first + post
-            calls = [0] * len(gen.requests)  # tool calls started, per choice
-            async for ev in gen:
-                if ev[0] in ("tc", "ta"):
-                    calls[ev[1]] += ev[0] == "tc"
-                    yield pre + self.tool_call_chunk(ev, calls[ev[1]] - 1) + post
+            calls = [0] * choices  # tool calls started, per choice
+            async for ev in stream:
+                if isinstance(ev, ToolCallStart | ToolCallArgs):
+                    calls[ev.seq] += isinstance(ev, ToolCallStart)
+                    yield pre + self.tool_call_chunk(ev, calls[ev.seq] - 1) + post
                     continue
-                if ev[0] == "f":
-                    tokens += ev[3]
-                elif keep_text and ev[0] == "d":
-                    texts[ev[1]].append(ev[2])
                 yield pre + render(ev) + post
-            if body.include_usage:
-                usage = _usage(gen, body.n, tokens)
+            if include_usage:
+                usage = _usage(stream.usage)
                 yield json.dumps({**meta.head(self.chunk_obj), "choices": [], "usage": usage})
             yield "[DONE]"
         except ServiceError as e:  # the stream has started: the error becomes its last event
-            record.failed(e.status, e.message)
             yield json.dumps(e.body())
         finally:
-            gen.close()
-            record.generated(gen, body.n)
-            if keep_text:
-                record.completion = _texts(["".join(t) for t in texts])
-
-
-async def _collect(
-    work: Awaitable[Generation], record: RequestRecord, n: int
-) -> tuple[Generation, list[Choice]]:
-    gen = await work
-    try:
-        return gen, await gen.collect()
-    finally:
-        record.generated(gen, n)
-
-
-def _texts(texts: list[str]) -> str:
-    """What the request log keeps of the output: the text, or a JSON list for n > 1."""
-    return texts[0] if len(texts) == 1 else content_of(texts)
+            stream.close()
 
 
 class _Meta:

@@ -22,20 +22,21 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
 from config.settings import Settings
-from gateway import errors, limits
+from gateway import errors
 from gateway.catalog import Catalog, Resolved
-from gateway.generation import Choice, GenerationRequest
 from gateway.handle import WorkerHandle, WorkerProcess
 from gateway.hub import LocalModel
 from gateway.logs import worker_log_path
 from gateway.metrics import Metrics
+from gateway.request import GenerationRequest
+from gateway.stream import Generation
 
 log = logging.getLogger("mlx_manager.pool")
 
@@ -132,134 +133,8 @@ class Lease:
             self.pool._release(self.slot, served)
 
 
-class Generation:
-    """The choices of one API request, streaming from one worker.
-
-    Iterating yields the worker's events (gateway/generation.py) with the choice's index in
-    place of the request id; a worker failure mid-stream raises the matching ServiceError.
-    """
-
-    def __init__(self, lease: Lease, resolved: Resolved, requests: list[GenerationRequest]):
-        self.lease = lease
-        self.handle = lease.handle
-        self.resolved = resolved
-        self.requests = requests
-        self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        self.prompt_tokens = [0] * len(requests)
-        self.cached_tokens = [0] * len(requests)  # of prompt_tokens, reused from the cache
-        self.finish_reasons: list[str | None] = [None] * len(requests)
-        self.first_token: float | None = None  # perf_counter when the first token arrived
-        self._finished_tokens = 0  # completion tokens of finished choices (their "f" events)
-        self._token_events = [0] * len(requests)  # token events seen, per choice
-        self._index: dict[str, int] = {}
-        self._early: list[tuple[Any, ...]] = []
-        self._open: set[str] = set()
-
-    async def start(self) -> None:
-        """Submit every choice and wait until the worker accepted all prompts, so that a bad
-        prompt still gets a plain HTTP error before any streaming starts."""
-        try:
-            for i, req in enumerate(self.requests):
-                rid = self.handle.submit(req.payload(), self.queue.put_nowait)
-                self._index[rid] = i
-                self._open.add(rid)
-            waiting = set(self._open)
-            while waiting:
-                ev = await self.queue.get()
-                if ev[0] == "s":
-                    self.prompt_tokens[self._index[ev[1]]] = ev[2]
-                    self.cached_tokens[self._index[ev[1]]] = ev[3]
-                    waiting.discard(ev[1])
-                elif ev[0] == "e":
-                    self._open.discard(ev[1])
-                    raise _error(ev)
-                else:
-                    self._early.append(ev)
-                    if self.first_token is None:
-                        self.first_token = time.perf_counter()
-        except BaseException:
-            self.close()
-            raise
-
-    async def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
-        for ev in self._early:
-            yield self._translate(ev)
-        self._early.clear()
-        while self._open:
-            ev = await self.queue.get()
-            if ev[0] == "e":
-                self._open.discard(ev[1])
-                self.close()
-                raise _error(ev)
-            yield self._translate(ev)
-        self.close()
-
-    def _translate(self, ev: tuple[Any, ...]) -> tuple[Any, ...]:
-        i = self._index[ev[1]]
-        if ev[0] == "f":
-            self._open.discard(ev[1])
-            self.finish_reasons[i] = ev[2]
-            self._finished_tokens += ev[3]
-        else:
-            self._token_events[i] += 1
-        if self.first_token is None:
-            self.first_token = time.perf_counter()
-        return (ev[0], i, *ev[2:])
-
-    def prompt_usage(self, n: int) -> tuple[int, int]:
-        """(prompt tokens, of them cached) of the request, whose prompts each have `n` choices:
-        a prompt counts once, not once per choice."""
-        return sum(self.prompt_tokens[::n]), sum(self.cached_tokens[::n])
-
-    @property
-    def completion_tokens(self) -> int:
-        """Tokens generated: exact for finished choices; for a choice cut off (the client
-        left), the token events it sent, which can be a few short of what the model made."""
-        unfinished = sum(
-            n for n, r in zip(self._token_events, self.finish_reasons, strict=True) if r is None
-        )
-        return self._finished_tokens + unfinished
-
-    def close(self) -> None:
-        """Cancel whatever has not finished (the client went away, or another choice failed)
-        and give the worker back. Safe to call more than once."""
-        for rid in self._open:
-            self.handle.cancel(rid)
-        self._open.clear()
-        self.lease.release()
-
-    async def collect(self) -> list[Choice]:
-        choices = [Choice(i) for i in range(len(self.requests))]
-        parts: list[list[str]] = [[] for _ in choices]
-        try:
-            async for ev in self:
-                c = choices[ev[1]]
-                if ev[0] == "d":
-                    parts[ev[1]].append(ev[2])
-                    if ev[3] is not None:
-                        c.logprobs.append(ev[3])
-                elif ev[0] == "r":
-                    c.reasoning += ev[2]
-                elif ev[0] == "tc":
-                    c.tool_calls.append([ev[2], ev[3], ""])
-                elif ev[0] == "ta":
-                    c.tool_calls[-1][2] += ev[2]
-                elif ev[0] == "f":
-                    c.finish_reason, c.completion_tokens = ev[2], ev[3]
-        finally:
-            self.close()
-        for c, p in zip(choices, parts, strict=True):
-            c.text = "".join(p)
-        return choices
-
-
 class LoadAbandoned(Exception):
     """Nobody waits for this load any more."""
-
-
-def _error(ev: tuple[Any, ...]) -> errors.ServiceError:
-    cls = getattr(errors, ev[2], errors.ServiceError)
-    return cls(ev[3])
 
 
 def _gb(n: int) -> str:
@@ -338,21 +213,16 @@ class ModelPool:
 
     async def generate(
         self,
-        model: str | Resolved,
+        resolved: Resolved,
         requests: list[GenerationRequest],
         keep_alive: float | None = None,
+        n: int = 1,
+        on_close: Callable[[Generation], None] | None = None,
     ) -> Generation:
-        """Start generating: `model` is a name, or what resolve() made of one."""
-        for r in requests:
-            limits.check(r, self.settings)
-        resolved = self.resolve(model) if isinstance(model, str) else model
-        default_max = self.settings.default_max_tokens
-        reqs = [
-            limits.capped(r.with_defaults(resolved.profile, default_max), self.settings)
-            for r in requests
-        ]
+        """Start generating `requests` (complete: defaults and limits applied by the service)
+        on the model's worker, loading it first if need be."""
         lease = await self.acquire(resolved, keep_alive)
-        generation = Generation(lease, resolved, reqs)
+        generation = Generation(lease.handle, lease.release, requests, n, on_close)
         await generation.start()
         return generation
 
@@ -458,6 +328,10 @@ class ModelPool:
         finally:
             slot.load_task = None
             self._replenish()
+            if slot.state in ("failed", "unloaded") and slot.waiters and not self._closing:
+                # Requests that came while a failed load was being cleaned up (its worker
+                # stopping) were not part of it: they get a load of their own.
+                self._ensure_loading(slot)
         slot.state, slot.loaded_at = "ready", time.time()
         self.metrics.loads.labels(slot.model.id).inc()
         self.metrics.load_duration.labels(slot.model.id).observe(time.perf_counter() - started)

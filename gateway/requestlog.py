@@ -23,7 +23,7 @@ from config.store import DatabaseFull, Store, timestamp
 
 if TYPE_CHECKING:
     from gateway.catalog import Resolved
-    from gateway.pool import Generation
+    from gateway.stream import Usage
 
 log = logging.getLogger("mlx_manager")
 
@@ -80,14 +80,12 @@ class RequestRecord:
         if resolved.profile is not None:
             self.profile = resolved.profile["name"]
 
-    def generated(self, gen: Generation, n: int = 1) -> None:
-        """Take the token counts and timing of a generation (finished or cut off); `n`
-        choices share each prompt."""
-        self.prompt_tokens, self.cached_tokens = gen.prompt_usage(n)
-        self.completion_tokens = gen.completion_tokens
-        self.first_token = gen.first_token
-        reasons = [r for r in gen.finish_reasons if r]
-        self.finish_reason = ",".join(dict.fromkeys(reasons)) or None
+    def generated(self, usage: Usage) -> None:
+        """Take the token counts and timing of a generation (finished or cut off)."""
+        self.prompt_tokens, self.cached_tokens = usage.prompt_tokens, usage.cached_tokens
+        self.completion_tokens = usage.completion_tokens
+        self.first_token = usage.first_token
+        self.finish_reason = ",".join(usage.finish_reasons) or None
 
     def failed(self, status: int, message: str) -> None:
         self.status, self.error = status, message

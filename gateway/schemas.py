@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from config.settings import parse_duration
 from gateway import jsonbody
 from gateway.fields import Temperature, Tokens, TopP
-from gateway.generation import GenerationRequest
 from gateway.grammar import grammar_for_text, tool_call_grammar
+from gateway.request import GenerateRequest, GenerationRequest
 
 MAX_CHOICES = 16
 MAX_STOPS = 16
@@ -197,6 +197,24 @@ class _Sampling(_Body):
             "grammar": self.response_format.grammar() if self.response_format else None,
         }
 
+    def generate_request(self) -> GenerateRequest:
+        """The service's protocol-neutral request for this body."""
+        return GenerateRequest(
+            model=self.model,
+            choices=self.generation_requests(),
+            n=self.n,
+            keep_alive=self.keep_alive_seconds,
+            stream=bool(self.stream),
+            content=self.asked,
+        )
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        raise NotImplementedError
+
+    def asked(self) -> Any:
+        """What was asked, as the request log keeps it (only with log_content)."""
+        raise NotImplementedError
+
     def _seeds(self, count: int) -> list[int | None]:
         # With n > 1 and a seed, each choice gets its own seed: same request, same answers.
         return [None if self.seed is None else self.seed + i for i in range(count)]
@@ -237,6 +255,9 @@ class ChatCompletionRequest(_Sampling):
             named = [t for t in self.tools if t.function.name == choice.function.name]
             return [t.as_template_tool() for t in named], "required"
         return [t.as_template_tool() for t in self.tools], choice or "auto"
+
+    def asked(self) -> Any:
+        return self.model_dump(exclude_none=True)["messages"]
 
     def generation_requests(self) -> list[GenerationRequest]:
         messages = [m.as_template_message() for m in self.messages]
@@ -279,6 +300,9 @@ class CompletionRequest(_Sampling):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def asked(self) -> Any:
+        return self.prompt
 
     def generation_requests(self) -> list[GenerationRequest]:
         # Choices are ordered prompt by prompt, n per prompt, as OpenAI orders them.

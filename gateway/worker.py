@@ -1,7 +1,7 @@
 """The code that runs inside one worker process (spawned, never forked): it owns all MLX state
 for one model and drives mlx-lm's BatchGenerator, admitting new requests between decode steps.
 
-Protocol: see gateway/generation.py. Everything MLX happens on this process's main thread.
+Protocol: see gateway/protocol.py. Everything MLX happens on this process's main thread.
 """
 
 from __future__ import annotations
@@ -25,6 +25,26 @@ from gateway.channels import ChannelSplitter, Markers
 from gateway.hub import context_length_of
 from gateway.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
 from gateway.pipe import WorkerPipe
+from gateway.protocol import (
+    Activity,
+    Cancel,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    Heartbeat,
+    Load,
+    LoadFailed,
+    Logprob,
+    Ready,
+    Reasoning,
+    Started,
+    Stop,
+    Text,
+    ToolCallArgs,
+    ToolCallStart,
+    Warm,
+)
 
 log = logging.getLogger("mlx_manager.worker")
 
@@ -46,6 +66,7 @@ class _Sequence:
     channels: ChannelSplitter | None = None  # reasoning and tool calls, when the model has them
     parallel_tool_calls: bool = True
     tool_calls_sent: int = 0
+    reasoning_tokens: int = 0
 
 
 def _finite(logprob: float) -> float:
@@ -126,17 +147,16 @@ class Engine:
 
     # Requests ---------------------------------------------------------------------------------
 
-    def submit(self, rid: str, req: dict[str, Any], events: list[tuple[Any, ...]]) -> None:
+    def submit(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
         try:
             prompt = self._tokenize(req)
         except Exception as e:  # a template that rejects the messages, bad content, ...
-            events.append(("e", rid, "InvalidRequest", f"Could not build the prompt: {e}"))
+            events.append(Failed(rid, "InvalidRequest", f"Could not build the prompt: {e}"))
             return
         limit = min(self.context_length, req.get("context_length") or self.context_length)
         if len(prompt) >= limit:
             events.append(
-                (
-                    "e",
+                Failed(
                     rid,
                     "ContextLengthExceeded",
                     f"This model's maximum context length is {limit} tokens, but the prompt "
@@ -147,8 +167,7 @@ class Engine:
         bad = [t for t in req.get("logit_bias") or {} if t >= self.vocab_size]
         if bad:
             events.append(
-                (
-                    "e",
+                Failed(
                     rid,
                     "InvalidRequest",
                     f"logit_bias: token id {bad[0]} is "
@@ -180,7 +199,7 @@ class Engine:
             )
         except Exception as e:  # one bad request must not take the model down for everyone
             log.warning("request %s: could not start generation", rid, exc_info=True)
-            events.append(("e", rid, "InvalidRequest", f"Could not start generation: {e}"))
+            events.append(Failed(rid, "InvalidRequest", f"Could not start generation: {e}"))
             return
         self.seqs[uid] = _Sequence(
             rid,
@@ -193,7 +212,7 @@ class Engine:
             parallel_tool_calls=bool(req.get("parallel_tool_calls", True)),
         )
         self.uid_of[rid] = uid
-        events.append(("s", rid, len(prompt), cached))
+        events.append(Started(rid, len(prompt), cached))
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[Any, int]:
         """A KV cache for the longest cached prefix of `prompt`, and that prefix's length. At
@@ -397,7 +416,7 @@ class Engine:
 
     # Decoding -----------------------------------------------------------------------------------
 
-    def step(self, events: list[tuple[Any, ...]]) -> None:
+    def step(self, events: list[Event]) -> None:
         _, responses = self.gen.next()
         done: list[int] = []
         for r in responses:
@@ -419,7 +438,7 @@ class Engine:
             lp = self._logprob(seq, r) if seq.logprobs else None
             if seq.channels is None:
                 if text or lp is not None:
-                    events.append(("d", seq.rid, text, lp))
+                    events.append(Text(seq.rid, text, lp))
             else:
                 self._split(seq, text, final, lp, events)
             if r.finish_reason is not None and self.prompt_cache is not None:
@@ -429,7 +448,7 @@ class Engine:
             if reason == "stop" and seq.channels is not None and seq.channels.tool_calls:
                 reason = "tool_calls"
             if reason is not None:
-                events.append(("f", seq.rid, reason, seq.tokens))
+                events.append(Finished(seq.rid, reason, seq.tokens, seq.reasoning_tokens))
                 del self.seqs[r.uid]
                 del self.uid_of[seq.rid]
                 if r.finish_reason is None:
@@ -437,24 +456,25 @@ class Engine:
         if done:
             self.gen.remove(done)
 
-    def _split(
-        self, seq: _Sequence, text: str, final: bool, lp: Any, events: list[tuple[Any, ...]]
-    ) -> None:
+    def _split(self, seq: _Sequence, text: str, final: bool, lp: Any, events: list[Event]) -> None:
         """Route text to content, reasoning or tool calls. A token's logprob goes with the
         content it produced; text that went to reasoning or a tool call carries none."""
         assert seq.channels is not None
+        reasoned = False
         for part in seq.channels.feed(text, final):
             if part[0] == "content":
-                events.append(("d", seq.rid, part[1], lp))
+                events.append(Text(seq.rid, part[1], lp))
                 lp = None
             elif part[0] == "reasoning":
-                events.append(("r", seq.rid, part[1]))
+                events.append(Reasoning(seq.rid, part[1]))
+                reasoned = True
             elif part[0] == "tool_start":
                 seq.tool_calls_sent += 1
                 if seq.parallel_tool_calls or seq.tool_calls_sent == 1:
-                    events.append(("tc", seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1]))
+                    events.append(ToolCallStart(seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1]))
             elif seq.parallel_tool_calls or seq.tool_calls_sent == 1:
-                events.append(("ta", seq.rid, part[1]))
+                events.append(ToolCallArgs(seq.rid, part[1]))
+        seq.reasoning_tokens += reasoned  # a token whose text went (partly) to reasoning
 
     def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached (never emitted)."""
@@ -488,7 +508,7 @@ class Engine:
             self.token_texts[token] = text
         return text
 
-    def _logprob(self, seq: _Sequence, r: Any) -> tuple[str, float, list[tuple[str, float]]]:
+    def _logprob(self, seq: _Sequence, r: Any) -> Logprob:
         mx = self.mx
         decode = self._token_text
         top: list[tuple[str, float]] = []
@@ -499,7 +519,7 @@ class Engine:
             order = mx.argsort(-vals)
             ids, lps = idx[order].tolist(), vals[order].tolist()
             top = [(decode(i), _finite(v)) for i, v in zip(ids, lps, strict=True)]
-        return decode(r.token), _finite(r.logprobs[r.token].item()), top
+        return Logprob(decode(r.token), _finite(r.logprobs[r.token].item()), top)
 
     # Main loop ----------------------------------------------------------------------------------
 
@@ -509,14 +529,14 @@ class Engine:
             if not self.seqs:
                 self._report()
                 conn.poll(None)  # idle: sleep until the gateway writes (or goes away)
-            events: list[tuple[Any, ...]] = []
+            events: list[Event] = []
             while conn.poll(0):
                 msg = conn.recv()
-                if msg[0] == "gen":
-                    self.submit(msg[1], msg[2], events)
-                elif msg[0] == "cancel":
-                    self.cancel(msg[1])
-                elif msg[0] == "stop":
+                if isinstance(msg, Generate):
+                    self.submit(msg.rid, msg.request, events)
+                elif isinstance(msg, Cancel):
+                    self.cancel(msg.rid)
+                elif isinstance(msg, Stop):
                     return
             if self.seqs:
                 self.step(events)
@@ -538,7 +558,7 @@ class Engine:
             self.reported, self.reported_at = state, now
             # MLX's own figure: weights, KV caches and its buffer cache, what the budget counts.
             memory = self.mx.get_active_memory() + self.mx.get_cache_memory()
-            self.conn.send([("a", *state, memory)])
+            self.conn.send([Activity(*state, memory)])
 
 
 def _log_to(options: dict[str, Any]) -> None:
@@ -571,7 +591,7 @@ def _start_heartbeat(conn: WorkerPipe, interval: float) -> None:
         while True:
             time.sleep(interval)
             try:
-                conn.send(("hb",))
+                conn.send(Heartbeat())
             except OSError:
                 return  # the gateway went away; the main thread finds out too
 
@@ -593,7 +613,7 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
     except BaseException as e:  # noqa: BLE001 - any load failure is reported, not raised
         log.error("load failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
         try:
-            conn.send(("load_error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+            conn.send(LoadFailed(f"{type(e).__name__}: {e}", traceback.format_exc()))
         finally:
             conn.close()
         return
@@ -609,7 +629,7 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
         info["memory_bytes"] / 2**20,
         context,
     )
-    conn.send(("ready", info))
+    conn.send(Ready(info))
     try:
         cfg = config.get("text_config", config)
         vocab = max(int(cfg.get("vocab_size") or 0), len(tokenizer))
@@ -642,12 +662,12 @@ def main(argv: list[str] | None = None) -> None:
         import mlx.core  # noqa: F401
         import mlx_lm.generate  # noqa: F401
 
-        conn.send(("warm", os.getpid()))
+        conn.send(Warm(os.getpid()))
         msg = conn.recv()
     except (EOFError, OSError, KeyboardInterrupt):
         return  # the gateway went away (or shut down) before this worker was needed
-    if msg[0] == "load":
-        serve(conn, msg[1], msg[2])
+    if isinstance(msg, Load):
+        serve(conn, msg.path, msg.options)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
-"""The MCP face of mlx-manager: tools and resources that are thin wrappers over the Manager (the
+"""The MCP face of mlx-manager: tools and resources that are thin wrappers over the Service (the
 same service layer the HTTP routes and the CLI use). A ServiceError becomes a tool error whose
 message a person can act on."""
 
 # No `from __future__ import annotations`: the SDK reads these signatures to build the schemas.
 
-import asyncio
 import functools
 import inspect
 import json
@@ -17,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from gateway.errors import ServiceError
 from gateway.fields import Temperature, Tokens
-from gateway.manager import Manager
 from gateway.profiles import FIELDS, Profile
+from gateway.service import Service
 
 PROFILE_FIELDS = {"name", *FIELDS}
 
@@ -100,7 +99,7 @@ def _key_name(ctx: Context) -> str | None:
     return scope.get("state", {}).get("api_key") if isinstance(scope, dict) else None
 
 
-def build_mcp(manager: Manager) -> MCPServer:
+def build_mcp(service: Service) -> MCPServer:
     mcp = MCPServer(name="mlx-manager", instructions=INSTRUCTIONS)
 
     def tool(fn: F) -> F:
@@ -113,14 +112,14 @@ def build_mcp(manager: Manager) -> MCPServer:
     async def list_models() -> dict[str, Any]:
         """Local models (Hugging Face cache and model folders) with size, family, quantization,
         context length and whether each is loaded."""
-        return {"models": await manager.list_models()}
+        return {"models": await service.list_models()}
 
     @tool
     async def model_info(model: ModelName) -> dict[str, Any]:
         """One model inspected from its files: family, architecture, parameters, quantization,
         context length, vocabulary, size, estimated memory and whether it fits the budget,
         chat template, tool-calling and reasoning hints."""
-        return await manager.model_info(model)
+        return await service.model_info(model)
 
     @tool
     async def search_models(
@@ -132,7 +131,7 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Search the Hugging Face hub for MLX models, most downloaded first, with size, whether
         each is already downloaded and whether it fits the memory budget."""
-        return {"models": await manager.search_models(query, author, limit)}
+        return {"models": await service.search_models(query, author, limit)}
 
     @tool
     async def download_model(
@@ -148,7 +147,7 @@ def build_mcp(manager: Manager) -> MCPServer:
                 job["bytes_done"], job["bytes_total"] or None, f"{job['model']}: {job['status']}"
             )
 
-        result = await manager.download_model(model, progress)
+        result = await service.download_model(model, progress)
         if result["status"] != "done":
             raise ServiceError(f"Download of {model} {result['status']}: {result['error']}")
         return result
@@ -156,14 +155,14 @@ def build_mcp(manager: Manager) -> MCPServer:
     @tool
     async def list_downloads() -> dict[str, Any]:
         """Download jobs of this server with status, bytes done/total, rate and ETA."""
-        return {"downloads": manager.download_status()}
+        return {"downloads": await service.download_status()}
 
     @tool
     async def cancel_download(
         id: Annotated[str, Field(description="The job id from download_model/list_downloads.")],
     ) -> dict[str, Any]:
         """Cancel a running download; files already complete are kept for a later resume."""
-        return await manager.cancel_download(id)
+        return await service.cancel_download(id)
 
     @tool
     async def delete_model(
@@ -172,26 +171,26 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Delete a downloaded model from the Hugging Face cache (every revision) and report
         the space freed. Refused while the model is loaded unless unload is true."""
-        return await manager.delete_model(model, unload)
+        return await service.delete_model(model, unload)
 
     # Profiles ---------------------------------------------------------------------------------
 
     @tool
     async def list_profiles() -> dict[str, Any]:
         """Every profile with its model and defaults."""
-        return {"profiles": manager.list_profiles()}
+        return {"profiles": await service.list_profiles()}
 
     @tool
     async def get_profile(name: ProfileName) -> dict[str, Any]:
         """One profile."""
-        return manager.get_profile(name)
+        return await service.get_profile(name)
 
     @tool
     @_profile_fields(partial=False)
     async def create_profile(**fields: Any) -> dict[str, Any]:
         """Create a profile: a name usable as `model` in /v1 requests, bound to a model and its
         defaults. Requests may still override each default."""
-        return await manager.create_profile(_given(**fields))
+        return await service.create_profile(_given(**fields))
 
     @tool
     @_profile_fields(partial=True)
@@ -203,19 +202,19 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Change only the fields given (partial update); `clear` resets fields."""
         name = fields.pop("name")
-        return await manager.update_profile(name, _given(**fields), clear or [])
+        return await service.update_profile(name, _given(**fields), clear or [])
 
     @tool
     async def delete_profile(name: ProfileName) -> dict[str, Any]:
         """Delete a profile (its model stays)."""
-        return {"deleted": name, "profile": manager.delete_profile(name)}
+        return {"deleted": name, "profile": await service.delete_profile(name)}
 
     # Workers ----------------------------------------------------------------------------------
 
     @tool
     async def list_loaded() -> dict[str, Any]:
         """Loaded models: state, memory, uptime, idle time, TTL left, queue, requests served."""
-        return {"loaded": await manager.list_loaded(), **await manager.memory()}
+        return {"loaded": await service.list_loaded(), **await service.memory()}
 
     @tool
     async def load_model(model: ModelName, ctx: Context) -> dict[str, Any]:
@@ -225,7 +224,7 @@ def build_mcp(manager: Manager) -> MCPServer:
         async def progress(state: str, elapsed: float, message: str) -> None:
             await ctx.report_progress(elapsed, None, message)
 
-        return await manager.load(model, progress)
+        return await service.load(model, progress)
 
     @tool
     async def unload_model(
@@ -236,7 +235,7 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Unload a model once its running requests finish (or at once with force). Unloading
         a model that is not loaded succeeds and says so."""
-        return await manager.unload(model, force)
+        return await service.unload(model, force)
 
     @tool
     async def chat(
@@ -248,8 +247,9 @@ def build_mcp(manager: Manager) -> MCPServer:
         ] = None,
         max_tokens: Annotated[Tokens | None, Field(description="Tokens at most.")] = None,
     ) -> dict[str, Any]:
-        """Send messages to a model or profile and get its reply with token usage."""
-        return await manager.chat(
+        """Send messages to a model or profile and get its reply (and its reasoning and tool
+        calls, when it makes any) with token usage."""
+        return await service.chat(
             model, [m.model_dump() for m in messages], temperature, max_tokens, _key_name(ctx)
         )
 
@@ -272,8 +272,7 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """Recent generation requests, newest first: time, model, profile, API key, endpoint,
         status, error, prompt/completion/cached tokens, time to first token and duration."""
-        rows = await asyncio.to_thread(
-            manager.requests_log,
+        rows = await service.requests_log(
             model=model,
             key=key,
             status=status,
@@ -296,7 +295,7 @@ def build_mcp(manager: Manager) -> MCPServer:
         """Usage over a window from the request log: requests, errors, cancelled, prompt,
         completion and cached tokens, average and worst time to first token, average
         duration and decode tokens per second; per model, per API key, or both."""
-        return await asyncio.to_thread(manager.usage_stats, since, by)
+        return await service.usage_stats(since, by)
 
     @tool
     async def worker_logs(
@@ -305,28 +304,28 @@ def build_mcp(manager: Manager) -> MCPServer:
     ) -> dict[str, Any]:
         """The end of a model's worker log: load messages, errors, and the traceback of a
         worker that crashed (also for a model no longer loaded)."""
-        return await asyncio.to_thread(manager.worker_logs, model, lines)
+        return await service.worker_logs(model, lines)
 
     @tool
     async def system_info() -> dict[str, Any]:
         """OS, CPU, memory, MLX version and backend, and the memory budget and its use."""
-        return await manager.system_info()
+        return await service.system_info()
 
     # Resources --------------------------------------------------------------------------------
 
     @mcp.resource("mlx-manager://models", mime_type="application/json")
     async def models_resource() -> str:
         """Local models."""
-        return json.dumps(await manager.list_models())
+        return json.dumps(await service.list_models())
 
     @mcp.resource("mlx-manager://profiles", mime_type="application/json")
     async def profiles_resource() -> str:
         """Profiles."""
-        return json.dumps(manager.list_profiles())
+        return json.dumps(await service.list_profiles())
 
     @mcp.resource("mlx-manager://loaded", mime_type="application/json")
     async def loaded_resource() -> str:
         """Loaded models and their state."""
-        return json.dumps(await manager.list_loaded())
+        return json.dumps(await service.list_loaded())
 
     return mcp

@@ -1,15 +1,15 @@
-"""The service layer: every operation a person or an assistant can ask for, once. The HTTP admin
-routes, the MCP tools and the CLI are thin adapters over a Manager.
+"""The service layer: every operation a person, an assistant or a client can ask for, once. The
+HTTP routes, the MCP tools and the CLI are thin faces over a Service.
 
-`Manager` drives its own ModelPool (inside `mlx-manager serve`, or `mlx-manager mcp` when no
-server runs); `RemoteManager` sends the operations that act on workers to a running server, so
-that a stdio MCP client or the CLI sees and controls the same workers as everyone else.
+A Service takes a backend for what workers and downloads do: the pool in this process (inside
+`mlx-manager serve`, or `mlx-manager mcp` when no server runs) or a running server over HTTP
+(gateway/backend.py, gateway/remote.py), and does not ask which. Profiles, keys and the request
+log live in the shared database and are read here in both cases.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import platform
 import time
@@ -26,57 +26,46 @@ from config.files import private_dir
 from config.settings import Settings, parse_duration
 from config.store import DatabaseFull, Store, timestamp
 from gateway import errors, logs
+from gateway.backend import Backend, LocalBackend, Stream
 from gateway.catalog import Catalog
-from gateway.downloads import DownloadProgress, Downloads, delete_from_cache, search
-from gateway.generation import GenerationRequest
+from gateway.downloads import DownloadProgress, delete_from_cache, search
 from gateway.hub import inspect_model
-from gateway.keys import ApiKeys, client_key
-from gateway.metrics import Metrics
-from gateway.pool import ModelPool
+from gateway.keys import ApiKeys
 from gateway.profiles import Profiles
-from gateway.requestlog import GENERATION_ENDPOINTS, RequestLog, RequestRecord, content_of
+from gateway.remote import RemoteBackend
+from gateway.request import GenerateRequest, GenerationRequest
+from gateway.requestlog import RequestRecord
 
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
 PROGRESS_INTERVAL = 0.5
-# Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
-QUIET_PATHS = frozenset({"/health", "/metrics"})
 USAGE_GROUPS = {"model": ("model",), "key": ("key_name",), "model,key": ("model", "key_name")}
-access_log = logging.getLogger(logs.ACCESS)
 
 
-class Manager:
-    def __init__(self, settings: Settings) -> None:
+class Service:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
         private_dir(settings.home)
         self.store = Store(settings.db_path)
         self.catalog = Catalog(settings, self.store)
         self.profiles = Profiles(self.catalog)
-        self.metrics = Metrics()
-        self.pool = ModelPool(settings, self.catalog, self.metrics)
-        self.request_log = RequestLog(settings, self.store)
-        self.metrics.watch_dropped(self.request_log)
-        self.downloads = Downloads(settings, self.store)
         self.keys = ApiKeys(self.store, settings)
+        self.backend: Backend = backend or LocalBackend(settings, self.store, self.catalog)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        """Start the pool and load pinned models (MLX_MANAGER_PRELOAD, pinned profiles) in the
-        background: the server answers at once, requests for them wait for their load."""
-        self.pool.start()
+        """Start the backend; pinned models (MLX_MANAGER_PRELOAD, pinned profiles) load in
+        the background."""
         pinned = [
             *self.settings.preload,
             *(p["name"] for p in self.store.profiles() if p["pinned"]),
         ]
-        self._background(self.pool.preload(pinned))
-        self._background(self.downloads.resume_unfinished())
-        self._background(asyncio.to_thread(self.request_log.prune))
+        await self.backend.start(pinned)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await self.pool.close()
-        await asyncio.to_thread(self.request_log.close)
+        # Let what was started (a pinned profile's load) finish: a CLI exits right after.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backend.close()
 
     def _background(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -99,16 +88,57 @@ class Manager:
                 **({"description": m.description} if m.description else {}),
             }
             for m in self.catalog.models()
-            if self.pool.allowed(m.id)
+            if self.catalog.allowed(m.id)
         ]
 
+    async def names(self) -> list[dict[str, Any]]:
+        """Every name a request can use, each once: local models, then profile names and
+        aliases (`profile` says which profile, `model` what it serves)."""
+        loaded = await self._loaded_paths()
+        entries: list[dict[str, Any]] = [
+            {
+                "id": m.id,
+                "created": m.created,
+                "loaded": str(m.path) in loaded,
+                "context_length": m.context_length,
+                "size_bytes": m.size_bytes,
+                "description": m.description,
+            }
+            for m in self.catalog.models()
+            if self.catalog.allowed(m.id)
+        ]
+        for name, p, model in self.catalog.profile_names():
+            entries.append(
+                {
+                    "id": name,
+                    "profile": p["name"],
+                    "model": p["model"],
+                    "loaded": model is not None and str(model.path) in loaded,
+                }
+            )
+        return entries
+
+    async def name(self, name: str) -> dict[str, Any]:
+        """What one name stands for, as names() lists it; an absolute path, which is usable
+        but not listed, as its model. Unknown names are 404 with close matches."""
+        resolved = self.catalog.resolve(name)
+        for entry in await self.names():
+            if entry["id"] == name:
+                return entry
+        return {
+            "id": name,
+            "created": resolved.model.created,
+            "loaded": str(resolved.model.path) in await self._loaded_paths(),
+            "context_length": resolved.model.context_length,
+        }
+
     async def model_info(self, name: str) -> dict[str, Any]:
-        resolved = self.pool.resolve(name)
+        resolved = self.catalog.resolve(name)
         info = inspect_model(resolved.model)
         info["loaded"] = str(resolved.model.path) in await self._loaded_paths()
-        info["estimated_memory_bytes"] = self.pool.estimate(resolved.model.weights_bytes)
-        budget = (await self.memory())["budget_bytes"]
-        info["fits_memory_budget"] = info["estimated_memory_bytes"] <= budget
+        memory = await self.memory()
+        info["estimated_memory_bytes"] = _estimate(resolved.model.weights_bytes, memory)
+        info["fits_memory_budget"] = info["estimated_memory_bytes"] <= memory["budget_bytes"]
         if resolved.profile is not None:
             info["profile"] = resolved.profile["name"]
         return info
@@ -124,35 +154,39 @@ class Manager:
         author = author or self.settings.hf_organization or None
         results = await asyncio.to_thread(search, query, author, limit)
         local = {m.id for m in self.catalog.models()}
-        budget = (await self.memory())["budget_bytes"]
+        memory = await self.memory()
         for r in results:
             r["downloaded"] = r["id"] in local
             size = r["size_bytes"]
-            r["fits_memory_budget"] = None if size is None else self.pool.estimate(size) <= budget
+            fits = None if size is None else _estimate(size, memory) <= memory["budget_bytes"]
+            r["fits_memory_budget"] = fits
         return results
 
     async def download_model(
         self, repo: str, progress: DownloadProgress | None = None, wait: bool = True
     ) -> dict[str, Any]:
         with _storage():
-            job = await self.downloads.start(repo)
+            job = await self.backend.start_download(repo)
         if not wait:
-            return job.status_dict()
-        result = await self.downloads.wait(job, progress)
+            return job
+        result = await self.backend.wait_download(job, progress)
         if result["status"] == "done":
             self.catalog.refresh()
         return result
 
-    def download_status(self, job_id: str | None = None) -> Any:
-        return self.downloads.get(job_id).status_dict() if job_id else self.downloads.list()
+    async def download_status(self, job_id: str | None = None) -> Any:
+        """One download's status, or every download's."""
+        if job_id:
+            return await self.backend.download(job_id)
+        return await self.backend.downloads()
 
     async def cancel_download(self, job_id: str) -> dict[str, Any]:
-        return await self.downloads.cancel(job_id)
+        return await self.backend.cancel_download(job_id)
 
     async def delete_model(self, name: str, unload: bool = False) -> dict[str, Any]:
         """Remove a model from the HF cache (all revisions). A loaded model is refused unless
         `unload` asks to unload it first."""
-        resolved = self.pool.resolve(name)
+        resolved = self.catalog.resolve(name)
         model = resolved.model
         if model.source != "hf-cache":
             raise errors.InvalidRequest(
@@ -172,10 +206,10 @@ class Manager:
 
     # Profiles (the database is shared: local in every mode) ---------------------------------
 
-    def list_profiles(self) -> list[dict[str, Any]]:
+    async def list_profiles(self) -> list[dict[str, Any]]:
         return self.profiles.list()
 
-    def get_profile(self, name: str) -> dict[str, Any]:
+    async def get_profile(self, name: str) -> dict[str, Any]:
         return self.profiles.get(name)
 
     async def create_profile(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +228,7 @@ class Manager:
             self._background(self._load_quietly(name))
         return profile
 
-    def delete_profile(self, name: str) -> dict[str, Any]:
+    async def delete_profile(self, name: str) -> dict[str, Any]:
         with _storage():
             return self.profiles.delete(name)
 
@@ -207,32 +241,33 @@ class Manager:
 
     # API keys (local only: whoever can write the database can manage keys) -----------------
 
-    def create_key(self, name: str) -> dict[str, Any]:
+    async def create_key(self, name: str) -> dict[str, Any]:
         with _storage():
             return self.keys.create(name)
 
-    def list_keys(self) -> list[dict[str, Any]]:
+    async def list_keys(self) -> list[dict[str, Any]]:
         return self.keys.list()
 
-    def revoke_key(self, name: str) -> dict[str, Any]:
+    async def revoke_key(self, name: str) -> dict[str, Any]:
         with _storage():
             return self.keys.revoke(name)
 
     # Requests: what was asked, and how it went ----------------------------------------------
 
     def finish_request(self, record: RequestRecord) -> None:
-        """A request is over: one line in the server log; for generation requests also a row
-        in the request log and the metrics."""
-        row = record.row()
-        quiet = record.endpoint in QUIET_PATHS and (record.status or 0) < 400
-        level = logging.DEBUG if quiet else logging.INFO
-        if access_log.isEnabledFor(level):
-            access_log.log(level, "request", extra={"fields": record.fields(row)})
-        if record.endpoint in GENERATION_ENDPOINTS:
-            self.metrics.request(record)
-            self.request_log.add(row)
+        """A request is over: its log line, request log row and metrics, by whoever served
+        it (synchronous: called as the last byte goes out)."""
+        self.backend.finish(record)
 
-    def requests_log(
+    async def metrics(self) -> str:
+        """Prometheus' text exposition of the metrics of whoever serves the requests."""
+        return await self.backend.metrics()
+
+    @property
+    def request_log_enabled(self) -> bool:
+        return self.settings.request_log_limits != (0.0, 0)
+
+    async def requests_log(
         self,
         model: str | None = None,
         key: str | None = None,
@@ -247,7 +282,7 @@ class Manager:
         `model` matches the model or the profile a request named."""
         if not 1 <= limit <= 10_000:
             raise errors.InvalidRequest("limit must be from 1 to 10000.", param="limit")
-        self.request_log.flush()
+        await self.backend.flush_requests()
         return self.store.requests(
             model=model,
             key_name=key,
@@ -260,7 +295,7 @@ class Manager:
             content=self.settings.log_content,
         )
 
-    def usage_stats(self, since: str | None = "24h", by: str = "model") -> dict[str, Any]:
+    async def usage_stats(self, since: str | None = "24h", by: str = "model") -> dict[str, Any]:
         """Requests, errors, tokens, latency and decode speed from the request log, per model,
         per API key or both, over a window (`since`: "1h", "7d", or an ISO time)."""
         if by not in USAGE_GROUPS and by != "total":
@@ -268,7 +303,7 @@ class Manager:
                 f"by must be one of {', '.join([*USAGE_GROUPS, 'total'])}, not {by!r}.",
                 param="by",
             )
-        self.request_log.flush()
+        await self.backend.flush_requests()
         start = _since(since or "24h")
         rows = self.store.usage(start, USAGE_GROUPS.get(by, ()))
         (total,) = self.store.usage(start, ())
@@ -280,13 +315,13 @@ class Manager:
             "total": total,
         }
 
-    def worker_logs(self, name: str, lines: int = 100) -> dict[str, Any]:
+    async def worker_logs(self, name: str, lines: int = 100) -> dict[str, Any]:
         """The end of a model's worker log: its loads, errors, and the traceback of a crash.
         Kept across restarts and unloads, so a model that is gone can still be looked at."""
         if not 1 <= lines <= 10_000:
             raise errors.InvalidRequest("lines must be from 1 to 10000.", param="lines")
         try:
-            model_id = self.pool.resolve(name).model.id
+            model_id = self.catalog.resolve(name).model.id
         except errors.ModelNotFound:
             model_id = name  # deleted since, but its log may remain
         path = logs.worker_log_path(self.settings.logs_dir, model_id)
@@ -300,14 +335,37 @@ class Manager:
 
     # Workers --------------------------------------------------------------------------------
 
+    async def workers(self) -> dict[str, Any]:
+        """Every model with a worker (or requests waiting for one), and the memory budget."""
+        return await self.backend.workers()
+
     async def list_loaded(self) -> list[dict[str, Any]]:
-        return self.pool.status()
+        data: list[dict[str, Any]] = (await self.backend.workers())["data"]
+        return data
+
+    async def memory(self) -> dict[str, Any]:
+        """The budget, what loaded models use of it, and the factor that estimates a model's
+        memory from its weights (measured on the models loaded so far)."""
+        status = await self.backend.workers()
+        return {
+            "budget_bytes": status["memory_budget_bytes"],
+            "used_bytes": status["memory_used_bytes"],
+            "estimate_factor": status["memory_estimate_factor"],
+        }
 
     async def load(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
-        return await _with_progress(self.pool.load(name), name, progress)
+        return await _with_progress(self.backend.load(name), name, progress)
 
     async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
-        return await self.pool.unload(name, force=force)
+        return await self.backend.unload(name, force=force)
+
+    # Generation -------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest, record: RequestRecord) -> Stream:
+        """The one generation path of every face: resolve the name, apply the profile and the
+        limits, wait for a worker and start. The stream yields typed events (gateway/protocol.py)
+        and then its usage; `record` is filled once, by whoever serves it."""
+        return await self.backend.generate(request, record)
 
     async def chat(
         self,
@@ -317,24 +375,17 @@ class Manager:
         max_tokens: int | None = None,
         key_name: str | None = None,
     ) -> dict[str, Any]:
-        """One chat turn (MCP's `chat`), logged like a /v1 request as endpoint `mcp:chat`."""
+        """One chat turn (MCP's `chat`), recorded like a /v1 request as endpoint `mcp:chat`."""
         record = RequestRecord("mcp:chat", key_name=key_name, model=name)
+        choice = GenerationRequest(
+            kind="chat", messages=messages, temperature=temperature, max_tokens=max_tokens
+        )
         complete = False
         try:
-            _check_messages(messages)
-            request = GenerationRequest(
-                kind="chat", messages=messages, temperature=temperature, max_tokens=max_tokens
+            stream = await self.generate(
+                GenerateRequest(model=name, choices=[choice], content=lambda: messages), record
             )
-            resolved = self.pool.resolve(name)
-            record.resolved(resolved)
-            if self.settings.log_content:
-                record.prompt = content_of(messages)
-            gen = await self.pool.generate(resolved, [request])
-            try:
-                (choice,) = await gen.collect()
-            finally:
-                record.generated(gen)
-            record.completion = choice.text if self.settings.log_content else None
+            (answer,) = await stream.collect()
             complete = True
         except errors.ServiceError as e:
             record.failed(e.status, e.message)
@@ -342,23 +393,27 @@ class Manager:
         finally:
             record.end(200, complete)
             self.finish_request(record)
-        prompt = gen.prompt_tokens[0]
+        usage = stream.usage
         return {
             "model": name,
-            "content": choice.text,
-            "finish_reason": choice.finish_reason,
+            "content": answer.text,
+            "reasoning": answer.reasoning or None,
+            "tool_calls": [
+                {"id": i, "name": n, "arguments": a} for i, n, a in answer.tool_calls
+            ],
+            "finish_reason": answer.finish_reason,
             "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": choice.completion_tokens,
-                "total_tokens": prompt + choice.completion_tokens,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
             },
         }
 
-    async def memory(self) -> dict[str, int]:
-        return {"budget_bytes": self.pool.budget, "used_bytes": self.pool.memory_used()}
-
     async def system_info(self) -> dict[str, Any]:
         vm = psutil.virtual_memory()
+        memory = await self.memory()
         apple = platform.system() == "Darwin" and platform.machine() == "arm64"
         return {
             "os": f"{platform.system()} {platform.release()}",
@@ -372,96 +427,8 @@ class Manager:
             # The gateway does not import MLX itself; the backend follows from the platform
             # (the same marker that picks mlx[cpu] at install time).
             "mlx_backend": "metal (gpu)" if apple else "cpu",
-            "memory_budget": await self.memory(),
+            "memory_budget": {k: v for k, v in memory.items() if k != "estimate_factor"},
             "loaded_models": sum(s["state"] == "ready" for s in await self.list_loaded()),
-        }
-
-
-class RemoteManager(Manager):
-    """Models and profiles from the shared files; workers through the running server."""
-
-    def __init__(self, settings: Settings, base_url: str) -> None:
-        super().__init__(settings)
-        key = client_key(settings)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=None, headers=headers)
-
-    async def start(self) -> None:
-        pass  # the server owns the workers
-
-    async def close(self) -> None:
-        # Let requests already sent (a pinned profile's load) finish: a CLI exits right after.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.http.aclose()
-
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        try:
-            r = await self.http.request(method, path, json=body)
-        except httpx.HTTPError as e:
-            raise errors.ModelUnavailable(
-                f"The mlx-manager server at {self.http.base_url} did not answer: {e}"
-            ) from None
-        if r.status_code >= 400:
-            raise _remote_error(r)
-        return r.json()
-
-    async def list_loaded(self) -> list[dict[str, Any]]:
-        return (await self._call("GET", "/admin/workers"))["data"]
-
-    async def memory(self) -> dict[str, int]:
-        status = await self._call("GET", "/admin/workers")
-        return {
-            "budget_bytes": status["memory_budget_bytes"],
-            "used_bytes": status["memory_used_bytes"],
-        }
-
-    async def load(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
-        return await _with_progress(
-            self._call("POST", "/admin/load", {"model": name}), name, progress
-        )
-
-    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
-        return await self._call("POST", "/admin/unload", {"model": name, "force": force})
-
-    async def download_model(
-        self, repo: str, progress: DownloadProgress | None = None, wait: bool = True
-    ) -> dict[str, Any]:
-        """The server downloads (so its job list and resume cover it); this polls."""
-        job = await self._call("POST", "/admin/downloads", {"model": repo})
-        while wait and job["status"] in ("queued", "running"):
-            if progress is not None:
-                await progress(job)
-            await asyncio.sleep(PROGRESS_INTERVAL)
-            job = await self._call("GET", f"/admin/downloads/{job['id']}")
-        if progress is not None:
-            await progress(job)
-        return job
-
-    async def cancel_download(self, job_id: str) -> dict[str, Any]:
-        return await self._call("DELETE", f"/admin/downloads/{job_id}")
-
-    async def chat(
-        self,
-        name: str,
-        messages: list[dict[str, Any]],
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        key_name: str | None = None,
-    ) -> dict[str, Any]:
-        """Through the server's /v1, which logs it (under the local key's name)."""
-        _check_messages(messages)
-        body: dict[str, Any] = {"model": name, "messages": messages}
-        if temperature is not None:
-            body["temperature"] = temperature
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        r = await self._call("POST", "/v1/chat/completions", body)
-        choice = r["choices"][0]
-        return {
-            "model": name,
-            "content": choice["message"]["content"],
-            "finish_reason": choice["finish_reason"],
-            "usage": r["usage"],
         }
 
 
@@ -473,6 +440,23 @@ def _storage() -> Iterator[None]:
         yield
     except DatabaseFull as e:
         raise errors.DiskFull(str(e)) from None
+
+
+def _estimate(weights_bytes: int, memory: dict[str, Any]) -> int:
+    """Memory a model of these weights would take, by the owner's measured factor."""
+    return int(weights_bytes * memory["estimate_factor"])
+
+
+async def connect(settings: Settings, server_only: bool = False) -> Service:
+    """The service for a client beside (or instead of) a server: the running server's workers
+    when one answers on the configured address, else a pool of its own (or, `server_only`,
+    an error saying to start a server: a pool that ends with the command is no use)."""
+    url = await running_server(settings)
+    if url is None and server_only:
+        raise errors.ModelUnavailable(
+            "No mlx-manager server is running here; start one with `mlx-manager serve`."
+        )
+    return Service(settings, RemoteBackend(settings, url) if url else None)
 
 
 def _since(text: str | None) -> str | None:
@@ -499,18 +483,6 @@ def _since(text: str | None) -> str | None:
     return timestamp(when.timestamp())
 
 
-def _check_messages(messages: list[dict[str, Any]]) -> None:
-    if not messages:
-        raise errors.InvalidRequest("messages must hold at least one message.", param="messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise errors.InvalidRequest(
-                f"messages[{i}] needs a role of system, user or assistant.", param="messages"
-            )
-        if not isinstance(m.get("content"), str):
-            raise errors.InvalidRequest(f"messages[{i}] needs a text content.", param="messages")
-
-
 async def _with_progress(
     work: Awaitable[dict[str, Any]], name: str, progress: Progress | None
 ) -> dict[str, Any]:
@@ -528,26 +500,6 @@ async def _with_progress(
             await progress("ready", elapsed, f"{name} is ready ({elapsed:.1f}s)")
             return result
         await progress("loading", elapsed, f"loading {name} ({elapsed:.1f}s)")
-
-
-def _remote_error(r: httpx.Response) -> errors.ServiceError:
-    try:
-        err = r.json()["error"]
-        message, param = err["message"], err.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, param = f"HTTP {r.status_code}: {r.text[:200]}", None
-    for cls in (
-        errors.InvalidRequest,
-        errors.PermissionDenied,
-        errors.NotFound,
-        errors.Conflict,
-        errors.TooManyRequests,
-        errors.InsufficientMemory,
-        errors.ModelUnavailable,
-    ):
-        if cls.status == r.status_code:
-            return cls(message, param=param)
-    return errors.ServiceError(message, param=param)
 
 
 def _version(package: str) -> str | None:

@@ -1,23 +1,14 @@
-"""What the gateway asks a worker to generate, and the events a worker sends back.
-
-A request travels to the worker as a plain dict (`GenerationRequest.payload()`); events travel
-back as small tuples, all events of one decode step in one pipe message:
-
-    ("s", rid, prompt_tokens, cached_tokens)          started (prompt accepted; cached_tokens
-                                                      of it reused from the prompt cache)
-    ("d", rid, text, logprob)                         one token; logprob is None unless asked:
-                                                      (token, logprob, [(token, logprob), ...])
-    ("r", rid, text)                                  reasoning text (inside think markers)
-    ("tc", rid, call_id, name)                        a tool call starts
-    ("ta", rid, text)                                 more of its arguments (JSON text)
-    ("f", rid, finish_reason, completion_tokens)      finished ("stop" or "length")
-    ("e", rid, kind, message)                         failed; kind names a gateway.errors class
-"""
+"""What one choice of a generation asks of a worker (`GenerationRequest`, sent as a plain dict:
+its payload), and a finished choice (`Choice`). The events a worker answers with are in
+gateway/protocol.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+
+from gateway.protocol import Logprob
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 OPENAI_DEFAULT_TOP_P = 1.0
@@ -78,6 +69,20 @@ class GenerationRequest:
 
 
 @dataclass
+class GenerateRequest:
+    """What every face asks of the service's one generation path, whatever its protocol."""
+
+    model: str  # any name a request may use
+    choices: list[GenerationRequest]  # one per choice: prompts in order, `n` each
+    n: int = 1  # choices per prompt (usage counts each prompt once)
+    keep_alive: float | None = None
+    stream: bool = False
+    # What was asked (messages or prompt), for the request log when it keeps content: a
+    # function, so that the common case (it does not) costs nothing.
+    content: Callable[[], Any] | None = None
+
+
+@dataclass
 class Choice:
     """One finished choice of a non-streamed generation."""
 
@@ -85,6 +90,6 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
-    logprobs: list[tuple[str, float, list[tuple[str, float]]]] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
     reasoning: str = ""
     tool_calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments]

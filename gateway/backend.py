@@ -1,0 +1,201 @@
+"""What the service needs of whoever owns the workers and the downloads: the pool in this process
+(`LocalBackend`), or a running server over HTTP (gateway/remote.py). The service takes one and
+does not ask which; every answer comes from the place that owns the state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol
+
+from config.settings import Settings
+from config.store import Store
+from gateway import limits, logs
+from gateway.catalog import Catalog
+from gateway.downloads import DownloadProgress, Downloads
+from gateway.metrics import Metrics
+from gateway.pool import ModelPool
+from gateway.protocol import Output
+from gateway.request import Choice, GenerateRequest
+from gateway.requestlog import GENERATION_ENDPOINTS, RequestLog, RequestRecord, content_of
+from gateway.stream import Generation, Usage
+
+# Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+access_log = logging.getLogger(logs.ACCESS)
+
+
+class Stream(Protocol):
+    """A generation in progress, local or remote: its events, then its usage."""
+
+    def __aiter__(self) -> AsyncIterator[Output]: ...
+
+    async def collect(self) -> list[Choice]: ...
+
+    @property
+    def usage(self) -> Usage: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    async def start(self, pinned: list[str]) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def generate(self, request: GenerateRequest, record: RequestRecord) -> Stream: ...
+
+    def finish(self, record: RequestRecord) -> None: ...
+
+    async def flush_requests(self) -> None:
+        """Wait until the request log rows of requests already finished are written."""
+        ...
+
+    async def metrics(self) -> str:
+        """The Prometheus exposition of whoever serves the requests."""
+        ...
+
+    async def workers(self) -> dict[str, Any]:
+        """{"data": per-model status, "memory_budget_bytes", "memory_used_bytes",
+        "memory_estimate_factor", "spare"}: GET /admin/workers' body."""
+        ...
+
+    async def load(self, name: str) -> dict[str, Any]: ...
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]: ...
+
+    async def start_download(self, repo: str) -> dict[str, Any]: ...
+
+    async def wait_download(
+        self, job: dict[str, Any], progress: DownloadProgress | None
+    ) -> dict[str, Any]: ...
+
+    async def downloads(self) -> list[dict[str, Any]]: ...
+
+    async def download(self, job_id: str) -> dict[str, Any]: ...
+
+    async def cancel_download(self, job_id: str) -> dict[str, Any]: ...
+
+
+class LocalBackend:
+    """The pool, the downloads, the metrics and the request log writer of this process."""
+
+    def __init__(self, settings: Settings, store: Store, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.metrics_registry = Metrics()
+        self.pool = ModelPool(settings, catalog, self.metrics_registry)
+        self.request_log = RequestLog(settings, store)
+        self.metrics_registry.watch_dropped(self.request_log)
+        self.loader = Downloads(settings, store)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self, pinned: list[str]) -> None:
+        """Start the pool and load pinned models in the background: the server answers at
+        once, requests for them wait for their load."""
+        self.pool.start()
+        self._background(self.pool.preload(pinned))
+        self._background(self.loader.resume_unfinished())
+        self._background(asyncio.to_thread(self.request_log.prune))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.pool.close()
+        await asyncio.to_thread(self.request_log.close)
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Generation -------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest, record: RequestRecord) -> Generation:
+        """Resolve the name, apply the profile's defaults and the limits, wait for a worker,
+        and start; the record is filled as it goes and once more when the stream closes."""
+        settings = self.settings
+        record.model, record.stream = request.model, request.stream
+        keep_text = settings.log_content
+        if keep_text and request.content is not None:
+            record.prompt = content_of(request.content())
+        for choice in request.choices:
+            limits.check(choice, settings)
+        resolved = self.pool.resolve(request.model)
+        record.resolved(resolved)
+        choices = [
+            limits.capped(c.with_defaults(resolved.profile, settings.default_max_tokens), settings)
+            for c in request.choices
+        ]
+
+        def closed(gen: Generation) -> None:
+            record.generated(gen.usage)
+            if gen.error is not None:
+                record.failed(gen.error.status, gen.error.message)
+            if gen.texts is not None:
+                texts = ["".join(t) for t in gen.texts]
+                record.completion = texts[0] if len(texts) == 1 else content_of(texts)
+
+        gen = await self.pool.generate(resolved, choices, request.keep_alive, request.n, closed)
+        if keep_text:
+            gen.texts = [[] for _ in choices]
+        return gen
+
+    def finish(self, record: RequestRecord) -> None:
+        """A request is over: one line in the server log; for generation requests also a row
+        in the request log and the metrics."""
+        row = record.row()
+        quiet = record.endpoint in QUIET_PATHS and (record.status or 0) < 400
+        level = logging.DEBUG if quiet else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "request", extra={"fields": record.fields(row)})
+        if record.endpoint in GENERATION_ENDPOINTS:
+            self.metrics_registry.request(record)
+            self.request_log.add(row)
+
+    async def flush_requests(self) -> None:
+        await asyncio.to_thread(self.request_log.flush)
+
+    async def metrics(self) -> str:
+        return self.metrics_registry.exposition().decode()
+
+    # Workers ----------------------------------------------------------------------------------
+
+    async def workers(self) -> dict[str, Any]:
+        pool = self.pool
+        return {
+            "data": pool.status(),
+            "memory_budget_bytes": pool.budget,
+            "memory_used_bytes": pool.memory_used(),
+            "memory_estimate_factor": pool.estimate.factor,
+            "spare": pool.spare_status(),
+        }
+
+    async def load(self, name: str) -> dict[str, Any]:
+        return await self.pool.load(name)
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        return await self.pool.unload(name, force=force)
+
+    # Downloads --------------------------------------------------------------------------------
+
+    async def start_download(self, repo: str) -> dict[str, Any]:
+        return (await self.loader.start(repo)).status_dict()
+
+    async def wait_download(
+        self, job: dict[str, Any], progress: DownloadProgress | None
+    ) -> dict[str, Any]:
+        result = await self.loader.wait(self.loader.get(job["id"]), progress)
+        if result["status"] == "done":
+            self.catalog.refresh()
+        return result
+
+    async def downloads(self) -> list[dict[str, Any]]:
+        return self.loader.list()
+
+    async def download(self, job_id: str) -> dict[str, Any]:
+        return self.loader.get(job_id).status_dict()
+
+    async def cancel_download(self, job_id: str) -> dict[str, Any]:
+        return await self.loader.cancel(job_id)
