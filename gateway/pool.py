@@ -14,6 +14,10 @@ Requests hold a lease on a ready slot while they run. The pool:
 - unloads a model once it has been idle for its TTL (the timer starts when its last request ends);
 - never evicts or expires pinned models;
 - reaps workers that die: their requests fail with 503, the next request loads a fresh worker.
+
+Workers come from a factory (by default real processes, gateway/handle.py's ProcessWorkers), and
+the pool uses them only through the Worker protocol below: its scheduling is unit-tested with a
+fake worker (tests/test_scheduler.py).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import fnmatch
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -33,7 +37,7 @@ from config.settings import Settings
 from gateway import errors, limits
 from gateway.catalog import Catalog, Resolved
 from gateway.generation import Choice, GenerationRequest
-from gateway.handle import WorkerHandle, WorkerProcess
+from gateway.handle import ProcessWorkers, Sink
 from gateway.hub import LocalModel
 from gateway.logs import worker_log_path
 from gateway.metrics import Metrics
@@ -46,6 +50,49 @@ FOREVER = 365 * 86400.0
 EVICTED = "evicted to make room"
 DRAINED = "drained"
 IDLE = "idle for"
+
+
+class Worker(Protocol):
+    """What the pool needs of a worker: gateway/handle.py's WorkerHandle, or a test's fake.
+
+    Its state goes loading -> ready -> stopped, or failed. Events of each submitted request go
+    to its sink as the tuples gateway/generation.py lists, ending with "f" or "e". When it dies
+    or hangs on its own (not when stopped), it fails what it runs with ModelUnavailable, sets
+    `state` "failed" (and `stalled` for a hang) and calls the on_exit its factory was given
+    (while loading too: start() then raises).
+    """
+
+    state: str
+    # Once loaded: memory_bytes (kept current while it runs), context_length, load_seconds.
+    info: dict[str, Any]
+    error: str | None  # why it failed
+    stalled: bool  # it failed because it stopped answering
+    worker_active: int  # sequences it reports running
+    generated_tokens: int
+    tokens_per_second: float
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def silent_seconds(self) -> float: ...
+
+    async def start(self, timeout: float) -> None:
+        """Load the model; ModelUnavailable if that fails or takes longer than `timeout`."""
+
+    def submit(self, req: dict[str, Any], sink: Sink) -> str:
+        """Queue one request, returning its id; ModelUnavailable unless ready."""
+        raise NotImplementedError
+
+    def cancel(self, rid: str) -> None:
+        """Stop a request: no more of its events reach its sink."""
+
+    async def stop(self, reason: str) -> None:
+        """End the worker, returning once it has gone; what still runs fails with `reason`."""
+
+
+# (model, options for the worker process, on_exit) -> a worker that has not started yet.
+WorkerFactory = Callable[[LocalModel, dict[str, Any], Callable[[Worker], None]], Worker]
 
 
 class MemoryEstimate:
@@ -81,9 +128,9 @@ class Slot:
     key: str
     model: LocalModel
     state: str = "unloaded"  # unloaded | loading | ready | draining | failed
-    handle: WorkerHandle | None = None
+    handle: Worker | None = None
     active: int = 0  # leases: requests running on the worker
-    waiters: deque[asyncio.Future[WorkerHandle]] = field(default_factory=deque)
+    waiters: deque[asyncio.Future[Worker]] = field(default_factory=deque)
     load_task: asyncio.Task[None] | None = None
     unload_task: asyncio.Task[None] | None = None
     pinned: bool = False
@@ -123,7 +170,7 @@ class Slot:
 class Lease:
     """A request's hold on a ready worker; released exactly once."""
 
-    def __init__(self, pool: ModelPool, slot: Slot, handle: WorkerHandle) -> None:
+    def __init__(self, pool: ModelPool, slot: Slot, handle: Worker) -> None:
         self.pool, self.slot, self.handle = pool, slot, handle
         self._released = False
 
@@ -268,7 +315,14 @@ def _gb(n: int) -> str:
 
 
 class ModelPool:
-    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: Metrics | None = None,
+        workers: WorkerFactory | None = None,
+    ):
+        """`workers` makes each model's worker; None: real processes (with the warm spare)."""
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics or Metrics()
@@ -280,26 +334,19 @@ class ModelPool:
         self._admit = asyncio.Lock()  # one load at a time passes the budget check
         self._changed: asyncio.Future[None] | None = None
         self._closing = False
-        self._spare: WorkerProcess | None = None
+        # The default factory, kept to start and stop its warm spare; None with a given one.
+        self.processes: ProcessWorkers | None = None
+        if workers is None:
+            workers = self.processes = ProcessWorkers(settings)
+        self.workers: WorkerFactory = workers
 
     def start(self) -> None:
-        self._replenish()
-
-    def _replenish(self) -> None:
-        """Keep one worker process warm (MLX imported, no model): a cold load then costs little
-        more than reading the weights. Started after a load, not during it, so its imports do
-        not compete with that load for the CPU."""
-        if self.settings.warm_spare and not self._closing:
-            if self._spare is None or not self._spare.alive:
-                self._spare = WorkerProcess()
-
-    def _take_spare(self) -> WorkerProcess | None:
-        spare, self._spare = self._spare, None
-        return spare if spare is not None and spare.alive else None
+        if self.processes is not None:
+            self.processes.start()
 
     def spare_status(self) -> dict[str, Any] | None:
-        spare = self._spare
-        return {"pid": spare.popen.pid, "warm": spare.warm} if spare is not None else None
+        spare = self.processes.spare if self.processes is not None else None
+        return spare.status() if spare is not None else None
 
     # Names ----------------------------------------------------------------------------------
 
@@ -389,7 +436,7 @@ class ModelPool:
             )
         if slot.state == "ready":
             return self._lease(slot)
-        waiter: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
         slot.waiters.append(waiter)
         self._ensure_loading(slot)
         try:
@@ -437,15 +484,12 @@ class ModelPool:
                 await self._make_room(slot)
                 slot.state, slot.error = "loading", None
                 slot.loads += 1
-                handle = WorkerHandle(
-                    slot.model,
-                    self._worker_options(slot.model),
-                    self._on_worker_exit,
-                    self.settings.worker_stall_timeout,
+                handle = self.workers(
+                    slot.model, self._worker_options(slot.model), self._on_worker_exit
                 )
                 slot.handle = handle
             started = time.perf_counter()
-            await handle.start(self.settings.load_timeout, self._take_spare())
+            await handle.start(self.settings.load_timeout)
         except LoadAbandoned:
             slot.state = "unloaded"
             self._notify()
@@ -474,7 +518,6 @@ class ModelPool:
             return
         finally:
             slot.load_task = None
-            self._replenish()
         slot.state, slot.loaded_at = "ready", time.time()
         self.metrics.loads.labels(slot.model.id).inc()
         self.metrics.load_duration.labels(slot.model.id).observe(time.perf_counter() - started)
@@ -590,7 +633,7 @@ class ModelPool:
         if slot.waiters and not self._closing:
             self._ensure_loading(slot)  # requests that arrived while it drained
 
-    def _on_worker_exit(self, handle: WorkerHandle) -> None:
+    def _on_worker_exit(self, handle: Worker) -> None:
         """A worker died on its own (killed, out of memory): forget it, keep the pool exact."""
         for slot in self.slots.values():
             if slot.handle is handle and slot.state in ("ready", "draining"):
@@ -742,6 +785,8 @@ class ModelPool:
     async def close(self, drain_seconds: float = 0.0) -> None:
         """Stop every worker: refuse new requests, give running ones `drain_seconds`, then stop."""
         self._closing = True
+        if self.processes is not None:
+            self.processes.close()
         deadline = time.monotonic() + drain_seconds
         while any(s.active for s in self.slots.values()) and time.monotonic() < deadline:
             try:
