@@ -530,16 +530,20 @@ class ModelPool:
             _gb(slot.memory),
             handle.info.get("load_seconds", 0),
         )
-        # Grant every waiter now, in one step: a fresh model serves its queue before any other
-        # load can drain it.
+        self._grant(slot)
+        self._notify()
+
+    def _grant(self, slot: Slot) -> None:
+        """Lease the slot's ready worker to every request waiting for it, in one step: a model
+        serves its queue before any other load can drain it. Idle, it starts its TTL."""
+        assert slot.handle is not None
         while slot.waiters:
             waiter = slot.waiters.popleft()
             if not waiter.done():
                 slot.active += 1
-                waiter.set_result(handle)
+                waiter.set_result(slot.handle)
         if slot.active == 0:
             self._schedule_ttl(slot)
-        self._notify()
 
     def _fail_waiters(self, slot: Slot, err: Exception) -> None:
         while slot.waiters:
@@ -561,12 +565,13 @@ class ModelPool:
         while True:
             if not slot.waiters:
                 # Every request that wanted this model left while it waited for room: do not
-                # load it, and let the models drained for it carry on.
+                # load it, and let the models drained for it carry on, serving what queued for
+                # them meanwhile (nothing else would: waiters are granted only on a transition
+                # to ready).
                 for other in drained:
                     if other.state == "draining" and other.unload_task is None:
                         other.state, other.drain_reason = "ready", DRAINED
-                        if other.idle:
-                            self._schedule_ttl(other)
+                        self._grant(other)
                 raise LoadAbandoned
             others = [s for s in self.slots.values() if s is not slot and s.state in LOADED_STATES]
             used = sum(s.memory for s in others)

@@ -370,6 +370,30 @@ def test_a_busy_model_finishes_its_request_before_it_is_evicted(world: World) ->
     run(world, scenario, max_loaded_models=1)
 
 
+def test_a_load_nobody_waits_for_is_abandoned_and_drained_models_resume(world: World) -> None:
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        farm.plan("a").generate.clear()
+        first = asking(pool, "a")
+        await running(pool, farm, "a")
+        other = asking(pool, "b")
+        await until(lambda: status(pool, "a")["state"] == "draining")
+        late = asking(pool, "a")  # arrives while a drains: it waits
+        await until(lambda: status(pool, "a")["queued"] == 1)
+        other.cancel()
+        await until(lambda: status(pool, "a")["state"] == "ready")
+        assert status(pool, "b")["state"] == "unloaded" and not farm.of("b")
+        # The request that queued during the drain runs on the same worker, beside the first.
+        await running(pool, farm, "a", 2)
+        farm.plan("a").generate.set()
+        assert [await first, await late] == ["ok", "ok"]
+        assert len(farm.of("a")) == 1 and farm.last("a").stop_reason is None
+        assert status(pool, "a")["requests_served"] == 2
+        with pytest.raises(asyncio.CancelledError):
+            await other
+
+    run(world, scenario, max_loaded_models=1)
+
+
 def test_graceful_and_forced_unload(world: World) -> None:
     async def scenario(pool: ModelPool, farm: Farm) -> None:
         farm.plan("a").generate.clear()
