@@ -7,8 +7,8 @@ Requests hold a lease on a ready slot while they run. The pool:
 - loads each model once, however many requests ask at the same time (single flight);
 - admits one load at a time through the memory budget and the loaded-model count, evicting
   least-recently-used idle models first, and draining busy ones (they finish what they run, then
-  stop) only when nothing idle is left; a model that cannot fit alone is refused before anything
-  is evicted;
+  stop) only when nothing idle is left; a model that cannot fit alone, or beside the pinned
+  models, is refused before anything is evicted;
 - queues requests that wait for a load or a drain, bounded per model, and grants them all at once
   when the model is ready, so a freshly loaded model serves its queue before it can be drained;
 - unloads a model once it has been idle for its TTL (the timer starts when its last request ends);
@@ -577,6 +577,17 @@ class ModelPool:
             used = sum(s.memory for s in others)
             if used + need <= self.budget and (limit is None or len(others) < limit):
                 return
+            # Refuse before evicting anything when even unloading every unpinned model would
+            # not make room (a pinned model that is draining is on its way out: wait for it).
+            pinned = [s for s in others if s.pinned and s.state != "draining"]
+            pinned_bytes = sum(s.memory for s in pinned)
+            if pinned_bytes + need > self.budget or (limit is not None and len(pinned) >= limit):
+                raise errors.InsufficientMemory(
+                    f"Model '{slot.model.id}' needs about {_gb(need)}, but pinned models hold "
+                    f"{_gb(pinned_bytes)} of the {_gb(self.budget)} budget"
+                    + (f" and the limit is {limit} loaded models" if limit else "")
+                    + ". Unload a pinned model or raise the budget."
+                )
             evictable = sorted(
                 (s for s in others if s.state == "ready" and not s.pinned),
                 key=lambda s: s.last_used,
@@ -594,14 +605,7 @@ class ModelPool:
                 evictable[0].state, evictable[0].drain_reason = "draining", EVICTED
                 self._cancel_ttl(evictable[0])
                 drained.append(evictable[0])
-            elif not any(s.state in ("draining", "loading") for s in others):
-                pinned = sum(s.memory for s in others if s.pinned)
-                raise errors.InsufficientMemory(
-                    f"Model '{slot.model.id}' needs about {_gb(need)}, but pinned models hold "
-                    f"{_gb(pinned)} of the {_gb(self.budget)} budget"
-                    + (f" and the limit is {limit} loaded models" if limit else "")
-                    + ". Unload a pinned model or raise the budget."
-                )
+            # Else what is left is loading or draining (the check above rules out pins alone).
             await self._wait_for_change()
 
     # Unloading ------------------------------------------------------------------------------

@@ -492,6 +492,22 @@ def test_pinned_models_are_never_evicted_or_expired(world: World) -> None:
     run(world, scenario, max_loaded_models=2, idle_ttl=TTL)
 
 
+def test_a_model_that_cannot_fit_beside_pinned_ones_is_refused(world: World) -> None:
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        await pool.preload(["p600"])
+        assert await ask(pool, "a") == "ok"  # 600 + 400 fit
+        with pytest.raises(errors.InsufficientMemory) as e:
+            await ask(pool, "x500")  # 600 + 500 do not, whatever else is unloaded
+        assert e.value.status == 507 and "pinned" in e.value.message
+        # The refusal did not cost the unpinned model its place.
+        assert loaded(pool) == {"p600", "a"} and farm.last("a").stop_reason is None
+        assert not farm.of("x500")
+        assert await ask(pool, "b") == "ok"  # one that fits evicts as usual
+        assert loaded(pool) == {"p600", "b"}
+
+    run(world, scenario)
+
+
 def test_the_loaded_model_limit_counts_pinned_models(world: World) -> None:
     async def scenario(pool: ModelPool, farm: Farm) -> None:
         await pool.preload(["a"])
