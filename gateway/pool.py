@@ -560,18 +560,36 @@ class ModelPool:
                 f"Model '{slot.model.id}' needs about {_gb(need)}, more than the whole memory "
                 f"budget of {_gb(self.budget)} (MLX_MANAGER_MEMORY_BUDGET). Nothing was unloaded."
             )
+        drained: list[Slot] = []  # slots this load put in draining
+        try:
+            await self._evict_until_fits(slot, need, drained)
+        finally:
+            # However the wait ended (room freed elsewhere, the load abandoned or refused),
+            # models drained for it that still run need not go any more. (At shutdown
+            # everything stops anyway.)
+            if not self._closing:
+                self._resume(drained)
+
+    def _resume(self, drained: list[Slot]) -> None:
+        """Put drained models back to ready, serving what queued for them meanwhile (nothing
+        else would: a queue is granted only on a move to ready). Not one whose unload has
+        begun, nor one that unload() was asked for since: that caller waits to see it go."""
+        resumed = False
+        for slot in drained:
+            if slot.state == "draining" and slot.drain_reason == EVICTED and not slot.unload_task:
+                slot.state, slot.drain_reason = "ready", DRAINED
+                self._grant(slot)
+                resumed = True
+        if resumed:
+            self._notify()
+
+    async def _evict_until_fits(self, slot: Slot, need: int, drained: list[Slot]) -> None:
+        """_make_room's loop: evict idle models, else drain busy ones (added to `drained`),
+        until `need` bytes and a place fit; refuse when pinned models leave no room."""
         limit = self.settings.max_loaded_models
-        drained: list[Slot] = []  # slots this load put in draining, to undo if it is abandoned
         while True:
             if not slot.waiters:
-                # Every request that wanted this model left while it waited for room: do not
-                # load it, and let the models drained for it carry on, serving what queued for
-                # them meanwhile (nothing else would: waiters are granted only on a transition
-                # to ready).
-                for other in drained:
-                    if other.state == "draining" and other.unload_task is None:
-                        other.state, other.drain_reason = "ready", DRAINED
-                        self._grant(other)
+                # Every request that wanted this model left while it waited: do not load it.
                 raise LoadAbandoned
             others = [s for s in self.slots.values() if s is not slot and s.state in LOADED_STATES]
             used = sum(s.memory for s in others)

@@ -25,7 +25,7 @@ from gateway.catalog import Catalog
 from gateway.generation import GenerationRequest
 from gateway.handle import Sink
 from gateway.hub import LocalModel
-from gateway.pool import EVICTED, IDLE, ModelPool, Worker
+from gateway.pool import EVICTED, IDLE, ModelPool, Slot, Worker
 
 # Weights in bytes. The budget is 1000: two 400s fit, three do not; "huge" never fits alone;
 # "p600" pinned leaves room for one 400 but not for "x500".
@@ -262,6 +262,10 @@ def status(pool: ModelPool, model: str) -> dict[str, Any]:
     return {"model": model, "state": "unloaded", "queued": 0, "in_flight": 0}
 
 
+def slot(pool: ModelPool, model: str) -> Slot:
+    return next(s for s in pool.slots.values() if s.model.id == model)
+
+
 def loaded(pool: ModelPool) -> set[str]:
     return {s["model"] for s in pool.status() if s["state"] in ("loading", "ready", "draining")}
 
@@ -390,6 +394,49 @@ def test_a_load_nobody_waits_for_is_abandoned_and_drained_models_resume(world: W
         assert status(pool, "a")["requests_served"] == 2
         with pytest.raises(asyncio.CancelledError):
             await other
+
+    run(world, scenario, max_loaded_models=1)
+
+
+def test_a_drained_model_keeps_its_place_when_room_comes_from_elsewhere(world: World) -> None:
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        farm.plan("a").generate.clear()
+        farm.plan("b").generate.clear()
+        first = asking(pool, "a")
+        await running(pool, farm, "a")
+        second = asking(pool, "b")
+        await running(pool, farm, "b")
+        third = asking(pool, "c")
+        await until(lambda: status(pool, "a")["state"] == "draining")  # the least recently used
+        farm.last("b").crash()
+        with pytest.raises(errors.ModelUnavailable):
+            await second
+        assert await third == "ok"  # loaded in the room b's crash freed
+        assert status(pool, "a")["state"] == "ready"
+        farm.plan("a").generate.set()
+        assert await first == "ok"
+        assert farm.last("a").stop_reason is None and loaded(pool) == {"a", "c"}
+
+    run(world, scenario, memory_budget="1GB", max_loaded_models=2)
+
+
+def test_an_unload_asked_for_during_a_drain_outlasts_the_abandoned_load(world: World) -> None:
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        farm.plan("a").generate.clear()
+        first = asking(pool, "a")
+        await running(pool, farm, "a")
+        other = asking(pool, "b")
+        await until(lambda: status(pool, "a")["state"] == "draining")
+        unloading = asyncio.create_task(pool.unload("a"))
+        await until(lambda: slot(pool, "a").drain_reason == "unloaded on request")
+        other.cancel()
+        await until(lambda: slot(pool, "b").load_task is None)  # abandoned
+        assert status(pool, "a")["state"] == "draining" and not unloading.done()
+        farm.plan("a").generate.set()
+        assert await first == "ok"
+        assert (await unloading)["was_loaded"]
+        assert farm.last("a").stop_reason == "unloaded on request"
+        assert status(pool, "a")["state"] == "unloaded"
 
     run(world, scenario, max_loaded_models=1)
 
