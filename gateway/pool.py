@@ -446,7 +446,7 @@ class ModelPool:
                 slot.waiters.remove(waiter)
                 self._notify()  # a load waiting for room may now have nobody to load for
             elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release(slot)  # granted in the same instant the client left
+                self._release(slot, served=False)  # granted in the instant the client left
             raise
         return Lease(self, slot, handle)
 

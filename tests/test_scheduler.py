@@ -48,6 +48,8 @@ class Plan:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set: stopping finishes
     fail: str | None = None  # the next load fails with this
     memory: int | None = None  # reported memory; None: its weights
+    # Called back in the loop step after a load succeeds, before the pool's own next step.
+    on_ready: Callable[[], object] | None = None
 
     def __post_init__(self) -> None:
         self.load.set()
@@ -104,6 +106,8 @@ class FakeWorker:
         self.state = "ready"
         memory = self.plan.memory or self.model.weights_bytes
         self.info = {"memory_bytes": memory, "context_length": 4096, "load_seconds": 0.0}
+        if self.plan.on_ready is not None:
+            asyncio.get_running_loop().call_soon(self.plan.on_ready)
 
     def submit(self, req: dict[str, Any], sink: Sink) -> str:
         if self.state != "ready":
@@ -297,6 +301,25 @@ def test_concurrent_requests_share_one_load(world: World) -> None:
         s = status(pool, "a")
         assert (s["loads"], s["requests_served"], s["state"]) == (1, 10, "ready")
         assert counter(pool, "model_loads", "a") == 1
+
+    run(world, scenario)
+
+
+def test_a_request_cancelled_as_its_model_is_granted_is_not_counted_as_served(
+    world: World,
+) -> None:
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        farm.plan("a").load.clear()
+        task = asking(pool, "a")
+        await until(lambda: status(pool, "a")["queued"] == 1 and bool(farm.of("a")))
+        # The pool grants the ready worker in the same step the load ends; the cancellation
+        # is queued just before the request's own wake-up, so it lands in between.
+        farm.plan("a").on_ready = task.cancel
+        farm.plan("a").load.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        s = status(pool, "a")
+        assert (s["state"], s["in_flight"], s["requests_served"]) == ("ready", 0, 0)
 
     run(world, scenario)
 
