@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from config.settings import Settings
 from config.store import Store
@@ -301,6 +302,8 @@ def test_concurrent_requests_share_one_load(world: World) -> None:
         s = status(pool, "a")
         assert (s["loads"], s["requests_served"], s["state"]) == (1, 10, "ready")
         assert counter(pool, "model_loads", "a") == 1
+        # The metrics read workers only through the protocol too.
+        assert b"mlx_manager_models_loaded 1.0" in generate_latest(pool.metrics.registry)
 
     run(world, scenario)
 
