@@ -362,6 +362,20 @@ def test_lru_eviction_under_max_loaded_models(world: World) -> None:
     run(world, scenario, memory_budget="1GB", max_loaded_models=2)
 
 
+def test_the_budget_counts_what_workers_report(world: World) -> None:
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        farm.plan("a").memory = 700  # more than its 400 bytes of weights
+        assert await ask(pool, "a") == "ok"
+        assert status(pool, "a")["memory_bytes"] == 700
+        # b is estimated with a's ratio (1.75 x 400 = 700): it cannot join a.
+        assert await ask(pool, "b") == "ok"
+        assert farm.last("a").stop_reason == EVICTED and loaded(pool) == {"b"}
+        assert pool.memory_used() == 400  # b's own figure, once loaded
+        assert farm.peak_memory <= 1000
+
+    run(world, scenario)
+
+
 def test_a_model_larger_than_the_budget_is_refused_before_anything_is_evicted(world: World) -> None:
     async def scenario(pool: ModelPool, farm: Farm) -> None:
         assert [await ask(pool, m) for m in ("a", "b")] == ["ok", "ok"]
