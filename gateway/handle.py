@@ -1,5 +1,6 @@
 """The gateway's end of one worker process: spawn it, wait for the model to load, pass requests
-down the pipe and route the events that come back to each request's queue."""
+down the pipe and route the events that come back to each request's queue. ProcessWorkers is
+the pool's default worker factory: it makes these handles and keeps a warm process for them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from config.settings import Settings
 from gateway import logs
 from gateway.errors import InvalidRequest, ModelUnavailable
 from gateway.hub import LocalModel
@@ -76,6 +78,55 @@ class WorkerProcess:
             self.popen.wait()
 
 
+class WarmSpare:
+    """One worker process kept warm (MLX imported, no model): a cold load then costs little
+    more than reading the weights. A new one starts after a load ends, not during it, so its
+    imports do not compete with that load for the CPU."""
+
+    def __init__(self) -> None:
+        self.process: WorkerProcess | None = None
+        self.closed = False
+
+    def replenish(self) -> None:
+        if not self.closed and (self.process is None or not self.process.alive):
+            self.process = WorkerProcess()
+
+    def take(self) -> WorkerProcess | None:
+        spare, self.process = self.process, None
+        return spare if spare is not None and spare.alive else None
+
+    def status(self) -> dict[str, Any] | None:
+        spare = self.process
+        return {"pid": spare.popen.pid, "warm": spare.warm} if spare is not None else None
+
+
+class ProcessWorkers:
+    """The pool's default worker factory: each model in its own worker process, started from
+    the warm spare when there is one (settings.warm_spare)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.spare = WarmSpare() if settings.warm_spare else None
+
+    def start(self) -> None:
+        if self.spare is not None:
+            self.spare.replenish()
+
+    def close(self) -> None:
+        """No new spare once the server shuts down."""
+        if self.spare is not None:
+            self.spare.closed = True
+
+    def __call__(
+        self,
+        model: LocalModel,
+        options: dict[str, Any],
+        on_exit: Callable[[WorkerHandle], None],
+    ) -> WorkerHandle:
+        stall_timeout = self.settings.worker_stall_timeout
+        return WorkerHandle(model, options, on_exit, stall_timeout, self.spare)
+
+
 class WorkerHandle:
     def __init__(
         self,
@@ -83,8 +134,10 @@ class WorkerHandle:
         options: dict[str, Any],
         on_exit: Callable[[WorkerHandle], None] | None = None,
         stall_timeout: float = 0.0,
+        spare: WarmSpare | None = None,
     ) -> None:
         self.model = model
+        self.spare = spare  # where start() takes its process from, and refills after
         self.options = options
         self.on_exit = on_exit  # told once when the worker dies or fails, not when stopped
         self.state = "loading"  # loading -> ready -> stopped | failed
@@ -122,8 +175,17 @@ class WorkerHandle:
         return time.monotonic() - self.heard
 
     async def start(self, timeout: float, process: WorkerProcess | None = None) -> None:
-        """Load the model in `process` (a warm one) or a new one, and wait until it is ready
-        (ModelUnavailable if it fails)."""
+        """Load the model in `process`, else the warm spare, else a new process, and wait until
+        it is ready (ModelUnavailable if it fails)."""
+        if process is None and self.spare is not None:
+            process = self.spare.take()
+        try:
+            await self._start(timeout, process)
+        finally:
+            if self.spare is not None:
+                self.spare.replenish()
+
+    async def _start(self, timeout: float, process: WorkerProcess | None) -> None:
         process = process if process is not None and process.alive else WorkerProcess()
         self._proc, self._pipe = process.popen, process.pipe
         if self.log_file is not None:

@@ -7,13 +7,17 @@ Requests hold a lease on a ready slot while they run. The pool:
 - loads each model once, however many requests ask at the same time (single flight);
 - admits one load at a time through the memory budget and the loaded-model count, evicting
   least-recently-used idle models first, and draining busy ones (they finish what they run, then
-  stop) only when nothing idle is left; a model that cannot fit alone is refused before anything
-  is evicted;
+  stop) only when nothing idle is left; a model that cannot fit alone, or beside the pinned
+  models, is refused before anything is evicted;
 - queues requests that wait for a load or a drain, bounded per model, and grants them all at once
   when the model is ready, so a freshly loaded model serves its queue before it can be drained;
 - unloads a model once it has been idle for its TTL (the timer starts when its last request ends);
 - never evicts or expires pinned models;
 - reaps workers that die: their requests fail with 503, the next request loads a fresh worker.
+
+Workers come from a factory (by default real processes, gateway/handle.py's ProcessWorkers), and
+the pool uses them only through the Worker protocol below: its scheduling is unit-tested with a
+fake worker (tests/test_scheduler.py).
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from config.settings import Settings
 from gateway import errors
 from gateway.catalog import Catalog, Resolved
-from gateway.handle import WorkerHandle, WorkerProcess
+from gateway.handle import ProcessWorkers, Sink
 from gateway.hub import LocalModel
 from gateway.logs import worker_log_path
 from gateway.metrics import Metrics
@@ -46,6 +50,49 @@ FOREVER = 365 * 86400.0
 EVICTED = "evicted to make room"
 DRAINED = "drained"
 IDLE = "idle for"
+
+
+class Worker(Protocol):
+    """What the pool needs of a worker: gateway/handle.py's WorkerHandle, or a test's fake.
+
+    Its state goes loading -> ready -> stopped, or failed. Events of each submitted request go
+    to its sink as the tuples gateway/generation.py lists, ending with "f" or "e". When it dies
+    or hangs on its own (not when stopped), it fails what it runs with ModelUnavailable, sets
+    `state` "failed" (and `stalled` for a hang) and calls the on_exit its factory was given
+    (while loading too: start() then raises).
+    """
+
+    state: str
+    # Once loaded: memory_bytes (kept current while it runs), context_length, load_seconds.
+    info: dict[str, Any]
+    error: str | None  # why it failed
+    stalled: bool  # it failed because it stopped answering
+    worker_active: int  # sequences it reports running
+    generated_tokens: int
+    tokens_per_second: float
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def silent_seconds(self) -> float: ...
+
+    async def start(self, timeout: float) -> None:
+        """Load the model; ModelUnavailable if that fails or takes longer than `timeout`."""
+
+    def submit(self, req: dict[str, Any], sink: Sink) -> str:
+        """Queue one request, returning its id; ModelUnavailable unless ready."""
+        raise NotImplementedError
+
+    def cancel(self, rid: str) -> None:
+        """Stop a request: no more of its events reach its sink."""
+
+    async def stop(self, reason: str) -> None:
+        """End the worker, returning once it has gone; what still runs fails with `reason`."""
+
+
+# (model, options for the worker process, on_exit) -> a worker that has not started yet.
+WorkerFactory = Callable[[LocalModel, dict[str, Any], Callable[[Worker], None]], Worker]
 
 
 class MemoryEstimate:
@@ -81,9 +128,9 @@ class Slot:
     key: str
     model: LocalModel
     state: str = "unloaded"  # unloaded | loading | ready | draining | failed
-    handle: WorkerHandle | None = None
+    handle: Worker | None = None
     active: int = 0  # leases: requests running on the worker
-    waiters: deque[asyncio.Future[WorkerHandle]] = field(default_factory=deque)
+    waiters: deque[asyncio.Future[Worker]] = field(default_factory=deque)
     load_task: asyncio.Task[None] | None = None
     unload_task: asyncio.Task[None] | None = None
     pinned: bool = False
@@ -123,7 +170,7 @@ class Slot:
 class Lease:
     """A request's hold on a ready worker; released exactly once."""
 
-    def __init__(self, pool: ModelPool, slot: Slot, handle: WorkerHandle) -> None:
+    def __init__(self, pool: ModelPool, slot: Slot, handle: Worker) -> None:
         self.pool, self.slot, self.handle = pool, slot, handle
         self._released = False
 
@@ -142,7 +189,14 @@ def _gb(n: int) -> str:
 
 
 class ModelPool:
-    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: Metrics | None = None,
+        workers: WorkerFactory | None = None,
+    ):
+        """`workers` makes each model's worker; None: real processes (with the warm spare)."""
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics or Metrics()
@@ -154,26 +208,19 @@ class ModelPool:
         self._admit = asyncio.Lock()  # one load at a time passes the budget check
         self._changed: asyncio.Future[None] | None = None
         self._closing = False
-        self._spare: WorkerProcess | None = None
+        # The default factory, kept to start and stop its warm spare; None with a given one.
+        self.processes: ProcessWorkers | None = None
+        if workers is None:
+            workers = self.processes = ProcessWorkers(settings)
+        self.workers: WorkerFactory = workers
 
     def start(self) -> None:
-        self._replenish()
-
-    def _replenish(self) -> None:
-        """Keep one worker process warm (MLX imported, no model): a cold load then costs little
-        more than reading the weights. Started after a load, not during it, so its imports do
-        not compete with that load for the CPU."""
-        if self.settings.warm_spare and not self._closing:
-            if self._spare is None or not self._spare.alive:
-                self._spare = WorkerProcess()
-
-    def _take_spare(self) -> WorkerProcess | None:
-        spare, self._spare = self._spare, None
-        return spare if spare is not None and spare.alive else None
+        if self.processes is not None:
+            self.processes.start()
 
     def spare_status(self) -> dict[str, Any] | None:
-        spare = self._spare
-        return {"pid": spare.popen.pid, "warm": spare.warm} if spare is not None else None
+        spare = self.processes.spare if self.processes is not None else None
+        return spare.status() if spare is not None else None
 
     # Names ----------------------------------------------------------------------------------
 
@@ -242,7 +289,7 @@ class ModelPool:
             )
         if slot.state == "ready":
             return self._lease(slot)
-        waiter: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
         slot.waiters.append(waiter)
         self._ensure_loading(slot)
         try:
@@ -252,7 +299,7 @@ class ModelPool:
                 slot.waiters.remove(waiter)
                 self._notify()  # a load waiting for room may now have nobody to load for
             elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release(slot)  # granted in the same instant the client left
+                self._release(slot, served=False)  # granted in the instant the client left
             raise
         return Lease(self, slot, handle)
 
@@ -290,15 +337,12 @@ class ModelPool:
                 await self._make_room(slot)
                 slot.state, slot.error = "loading", None
                 slot.loads += 1
-                handle = WorkerHandle(
-                    slot.model,
-                    self._worker_options(slot.model),
-                    self._on_worker_exit,
-                    self.settings.worker_stall_timeout,
+                handle = self.workers(
+                    slot.model, self._worker_options(slot.model), self._on_worker_exit
                 )
                 slot.handle = handle
             started = time.perf_counter()
-            await handle.start(self.settings.load_timeout, self._take_spare())
+            await handle.start(self.settings.load_timeout)
         except LoadAbandoned:
             slot.state = "unloaded"
             self._notify()
@@ -327,7 +371,6 @@ class ModelPool:
             return
         finally:
             slot.load_task = None
-            self._replenish()
             if slot.state in ("failed", "unloaded") and slot.waiters and not self._closing:
                 # Requests that came while a failed load was being cleaned up (its worker
                 # stopping) were not part of it: they get a load of their own.
@@ -344,16 +387,20 @@ class ModelPool:
             _gb(slot.memory),
             handle.info.get("load_seconds", 0),
         )
-        # Grant every waiter now, in one step: a fresh model serves its queue before any other
-        # load can drain it.
+        self._grant(slot)
+        self._notify()
+
+    def _grant(self, slot: Slot) -> None:
+        """Lease the slot's ready worker to every request waiting for it, in one step: a model
+        serves its queue before any other load can drain it. Idle, it starts its TTL."""
+        assert slot.handle is not None
         while slot.waiters:
             waiter = slot.waiters.popleft()
             if not waiter.done():
                 slot.active += 1
-                waiter.set_result(handle)
+                waiter.set_result(slot.handle)
         if slot.active == 0:
             self._schedule_ttl(slot)
-        self._notify()
 
     def _fail_waiters(self, slot: Slot, err: Exception) -> None:
         while slot.waiters:
@@ -370,22 +417,52 @@ class ModelPool:
                 f"Model '{slot.model.id}' needs about {_gb(need)}, more than the whole memory "
                 f"budget of {_gb(self.budget)} (MLX_MANAGER_MEMORY_BUDGET). Nothing was unloaded."
             )
+        drained: list[Slot] = []  # slots this load put in draining
+        try:
+            await self._evict_until_fits(slot, need, drained)
+        finally:
+            # However the wait ended (room freed elsewhere, the load abandoned or refused),
+            # models drained for it that still run need not go any more. (At shutdown
+            # everything stops anyway.)
+            if not self._closing:
+                self._resume(drained)
+
+    def _resume(self, drained: list[Slot]) -> None:
+        """Put drained models back to ready, serving what queued for them meanwhile (nothing
+        else would: a queue is granted only on a move to ready). Not one whose unload has
+        begun, nor one that unload() was asked for since: that caller waits to see it go."""
+        resumed = False
+        for slot in drained:
+            if slot.state == "draining" and slot.drain_reason == EVICTED and not slot.unload_task:
+                slot.state, slot.drain_reason = "ready", DRAINED
+                self._grant(slot)
+                resumed = True
+        if resumed:
+            self._notify()
+
+    async def _evict_until_fits(self, slot: Slot, need: int, drained: list[Slot]) -> None:
+        """_make_room's loop: evict idle models, else drain busy ones (added to `drained`),
+        until `need` bytes and a place fit; refuse when pinned models leave no room."""
         limit = self.settings.max_loaded_models
-        drained: list[Slot] = []  # slots this load put in draining, to undo if it is abandoned
         while True:
             if not slot.waiters:
-                # Every request that wanted this model left while it waited for room: do not
-                # load it, and let the models drained for it carry on.
-                for other in drained:
-                    if other.state == "draining" and other.unload_task is None:
-                        other.state, other.drain_reason = "ready", DRAINED
-                        if other.idle:
-                            self._schedule_ttl(other)
+                # Every request that wanted this model left while it waited: do not load it.
                 raise LoadAbandoned
             others = [s for s in self.slots.values() if s is not slot and s.state in LOADED_STATES]
             used = sum(s.memory for s in others)
             if used + need <= self.budget and (limit is None or len(others) < limit):
                 return
+            # Refuse before evicting anything when even unloading every unpinned model would
+            # not make room (a pinned model that is draining is on its way out: wait for it).
+            pinned = [s for s in others if s.pinned and s.state != "draining"]
+            pinned_bytes = sum(s.memory for s in pinned)
+            if pinned_bytes + need > self.budget or (limit is not None and len(pinned) >= limit):
+                raise errors.InsufficientMemory(
+                    f"Model '{slot.model.id}' needs about {_gb(need)}, but pinned models hold "
+                    f"{_gb(pinned_bytes)} of the {_gb(self.budget)} budget"
+                    + (f" and the limit is {limit} loaded models" if limit else "")
+                    + ". Unload a pinned model or raise the budget."
+                )
             evictable = sorted(
                 (s for s in others if s.state == "ready" and not s.pinned),
                 key=lambda s: s.last_used,
@@ -403,14 +480,7 @@ class ModelPool:
                 evictable[0].state, evictable[0].drain_reason = "draining", EVICTED
                 self._cancel_ttl(evictable[0])
                 drained.append(evictable[0])
-            elif not any(s.state in ("draining", "loading") for s in others):
-                pinned = sum(s.memory for s in others if s.pinned)
-                raise errors.InsufficientMemory(
-                    f"Model '{slot.model.id}' needs about {_gb(need)}, but pinned models hold "
-                    f"{_gb(pinned)} of the {_gb(self.budget)} budget"
-                    + (f" and the limit is {limit} loaded models" if limit else "")
-                    + ". Unload a pinned model or raise the budget."
-                )
+            # Else what is left is loading or draining (the check above rules out pins alone).
             await self._wait_for_change()
 
     # Unloading ------------------------------------------------------------------------------
@@ -447,7 +517,7 @@ class ModelPool:
         if slot.waiters and not self._closing:
             self._ensure_loading(slot)  # requests that arrived while it drained
 
-    def _on_worker_exit(self, handle: WorkerHandle) -> None:
+    def _on_worker_exit(self, handle: Worker) -> None:
         """A worker died on its own (killed, out of memory): forget it, keep the pool exact."""
         for slot in self.slots.values():
             if slot.handle is handle and slot.state in ("ready", "draining"):
@@ -599,6 +669,8 @@ class ModelPool:
     async def close(self, drain_seconds: float = 0.0) -> None:
         """Stop every worker: refuse new requests, give running ones `drain_seconds`, then stop."""
         self._closing = True
+        if self.processes is not None:
+            self.processes.close()
         deadline = time.monotonic() + drain_seconds
         while any(s.active for s in self.slots.values()) and time.monotonic() < deadline:
             try:

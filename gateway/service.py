@@ -398,9 +398,7 @@ class Service:
             "model": name,
             "content": answer.text,
             "reasoning": answer.reasoning or None,
-            "tool_calls": [
-                {"id": i, "name": n, "arguments": a} for i, n, a in answer.tool_calls
-            ],
+            "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in answer.tool_calls],
             "finish_reason": answer.finish_reason,
             "usage": {
                 "prompt_tokens": usage.prompt_tokens,

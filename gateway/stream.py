@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from gateway import errors
 from gateway.protocol import (
@@ -22,8 +22,13 @@ from gateway.protocol import (
 )
 from gateway.request import Choice, GenerationRequest
 
-if TYPE_CHECKING:
-    from gateway.handle import WorkerHandle
+
+class Worker(Protocol):
+    """What a stream needs of its worker (the pool's Worker has more)."""
+
+    def submit(self, req: dict[str, Any], sink: Callable[[Event], None]) -> str: ...
+
+    def cancel(self, rid: str) -> None: ...
 
 
 @dataclass
@@ -50,7 +55,7 @@ class Generation:
 
     def __init__(
         self,
-        handle: WorkerHandle,
+        handle: Worker,
         release: Callable[[], None],
         requests: list[GenerationRequest],
         n: int = 1,
