@@ -23,10 +23,11 @@ from config.settings import Settings
 from config.store import Store
 from gateway import errors
 from gateway.catalog import Catalog
-from gateway.generation import GenerationRequest
 from gateway.handle import Sink
 from gateway.hub import LocalModel
 from gateway.pool import EVICTED, IDLE, ModelPool, Slot, Worker
+from gateway.protocol import Failed, Finished, Started, Text
+from gateway.request import GenerationRequest
 
 # Weights in bytes. The budget is 1000: two 400s fit, three do not; "huge" never fits alone;
 # "p600" pinned leaves room for one 400 but not for "x500".
@@ -115,7 +116,7 @@ class FakeWorker:
             raise errors.ModelUnavailable(f"Model '{self.model.id}' is not loaded.")
         rid = f"r{next(_rids)}"
         self._sinks[rid] = sink
-        sink(("s", rid, 3, 0))
+        sink(Started(rid, 3, 0))
         task = asyncio.get_running_loop().create_task(self._generate(rid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -133,8 +134,8 @@ class FakeWorker:
             self.served += 1
             self.generated_tokens += 1
             self.farm.log.append(("done", self.model.id))
-            sink(("d", rid, "ok", None))
-            sink(("f", rid, "stop", 1))
+            sink(Text(rid, "ok", None))
+            sink(Finished(rid, "stop", 1))
 
     def cancel(self, rid: str) -> None:
         self._sinks.pop(rid, None)
@@ -143,11 +144,9 @@ class FakeWorker:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.farm.log.append(("stop", self.model.id))
-        was = self.state
         self.state = "stopped"
         self._fail_all(f"stopped before finishing: {reason}")
-        if was != "failed":
-            await self.plan.stop.wait()
+        await self.plan.stop.wait()  # a failed worker's process is reaped, which takes time too
         self.stopped.set()
 
     def crash(self, stalled: bool = False) -> None:
@@ -162,7 +161,7 @@ class FakeWorker:
     def _fail_all(self, why: str) -> None:
         sinks, self._sinks = self._sinks, {}
         for rid, sink in sinks.items():
-            sink(("e", rid, "ModelUnavailable", f"Model '{self.model.id}' is unavailable: {why}"))
+            sink(Failed(rid, "ModelUnavailable", f"Model '{self.model.id}' is unavailable: {why}"))
         for task in list(self._tasks):
             task.cancel()
 
@@ -246,7 +245,8 @@ def run(world: World, scenario: Scenario, **settings: Any) -> Farm:
 
 
 async def ask(pool: ModelPool, name: str, keep_alive: float | None = None) -> str:
-    gen = await pool.generate(name, [GenerationRequest("chat", messages=HELLO)], keep_alive)
+    request = GenerationRequest("chat", messages=HELLO)
+    gen = await pool.generate(pool.resolve(name), [request], keep_alive)
     return (await gen.collect())[0].text
 
 
@@ -648,6 +648,27 @@ def test_a_crash_while_draining_lets_the_waiting_load_through(world: World) -> N
         assert len(farm.of("a")) == 2 and farm.peak_loaded == 1
 
     run(world, scenario, max_loaded_models=1)
+
+
+def test_a_request_during_a_failed_loads_cleanup_gets_a_load_of_its_own(world: World) -> None:
+    """The failed worker is still stopping when the next request comes: that request is not
+    part of the failed load, and must not wait forever for a load nobody starts."""
+
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        farm.plan("a").fail = "no weights"
+        farm.plan("a").stop.clear()  # the failed worker takes its time to stop
+        with pytest.raises(errors.ModelUnavailable):
+            await ask(pool, "a")
+        farm.plan("a").fail = None
+        late = asking(pool, "a")
+        await until(lambda: status(pool, "a")["queued"] == 1)
+        await asyncio.sleep(0.01)  # the pool had its chance to start a load, and did not
+        assert len(farm.of("a")) == 1
+        farm.plan("a").stop.set()
+        assert await late == "ok"
+        assert len(farm.of("a")) == 2
+
+    run(world, scenario)
 
 
 def test_a_failed_load_fails_its_waiters_and_the_next_request_retries(world: World) -> None:
