@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class _Sequence:
     channels: ChannelSplitter | None = None  # reasoning and tool calls, when the model has them
     parallel_tool_calls: bool = True
     tool_calls_sent: int = 0
+    # Why a grammar stopped holding the output (its logits processors write here): the
+    # request then ends with an error instead of going on unconstrained.
+    fault: list[str] = field(default_factory=list)
 
 
 def _finite(logprob: float) -> float:
@@ -159,15 +162,18 @@ class Engine:
         room = limit - len(prompt)
         max_tokens = min(req.get("max_tokens") or room, room)
         stops = [s for s in req.get("stop") or [] if s]
+        fault: list[str] = []
         try:
             channels, forced = self._channels(req, prompt)
             processors = self._processors(req)
             if forced:
                 processors.append(self._force_prefix(forced))
             if req.get("grammar"):
-                processors.append(self._constrain(req["grammar"]))
+                processors.append(self._constrain(req["grammar"], fault))
             elif channels is not None and channels.json_calls:
-                processors.append(self._call_grammar(req["tool_grammar"], channels.markers.tool))
+                processors.append(
+                    self._call_grammar(req["tool_grammar"], channels.markers.tool, fault)
+                )
             cache, cached = self._cached_prefix(prompt)
             (uid,) = self.gen.insert(
                 [prompt[cached:]],
@@ -191,6 +197,7 @@ class Engine:
             int(req.get("top_logprobs") or 0),
             channels=channels,
             parallel_tool_calls=bool(req.get("parallel_tool_calls", True)),
+            fault=fault,
         )
         self.uid_of[rid] = uid
         events.append(("s", rid, len(prompt), cached))
@@ -264,10 +271,11 @@ class Engine:
 
         return force
 
-    def _constrain(self, grammar: str) -> Callable[..., Any]:
+    def _constrain(self, grammar: str, fault: list[str]) -> Callable[..., Any]:
         """A logits processor that allows only tokens keeping the output inside `grammar`
         (llguidance computes the allowed set for each step; once the grammar is complete,
-        only end-of-sequence is allowed)."""
+        only end-of-sequence is allowed). Should the matcher fail, it says why in `fault`,
+        which ends the request with an error: never unconstrained output."""
         from llguidance import LLMatcher
 
         matcher = LLMatcher(self._lltokenizer(), grammar, log_level=0)
@@ -281,20 +289,23 @@ class Engine:
                 matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
             step[0] += 1
             if matcher.is_error():
+                fault[:] = [f"response_format: {matcher.get_error()}"]
                 return _keep(logits, _only(eos, logits.shape[-1]))
             return _keep(logits, _allowed(matcher, logits.shape[-1]))
 
         return constrain
 
-    def _call_grammar(self, grammar: str, markers: Any) -> Callable[..., Any]:
+    def _call_grammar(self, grammar: str, markers: Any, fault: list[str]) -> Callable[..., Any]:
         """A lazy grammar for JSON tool calls: free text until the model writes the call
         marker, then only what `grammar` allows (gateway/grammar.py: a real tool's name and
         arguments) and the end marker. Calls are then always well-formed, so their arguments
-        can stream."""
+        can stream. A matcher that fails says why in `fault` (the request ends with an
+        error) rather than let a call be decoded freely."""
         from llguidance import LLMatcher
 
         start = self.tokenizer.encode(markers[0], add_special_tokens=False)
         end = self.tokenizer.encode(markers[1], add_special_tokens=False)
+        eos = list(self.tokenizer.eos_token_ids)
         lltok = self._lltokenizer()
         state: dict[str, Any] = {"step": 0, "recent": [], "matcher": None, "ending": []}
 
@@ -311,11 +322,11 @@ class Engine:
                 if state["recent"] != start:
                     return logits
                 matcher = state["matcher"] = LLMatcher(lltok, grammar, log_level=0)
-            elif last is not None:
+            elif last is not None and not fault:
                 matcher.consume_token(last)
             if matcher.is_error():
-                state["matcher"], state["recent"] = None, []
-                return logits
+                fault[:] = [f"tool call: {matcher.get_error()}"]
+                return _keep(logits, _only(eos, width))
             if matcher.is_stopped():  # the call's JSON is complete: the end marker follows
                 state["matcher"], state["recent"] = None, []
                 state["ending"] = list(end[1:])
@@ -406,6 +417,15 @@ class Engine:
                 continue
             seq.tokens += 1
             self.generated_total += 1
+            if seq.fault:  # its grammar failed: end it rather than let it decode freely
+                events.append(
+                    ("e", seq.rid, "ServiceError", f"The output grammar failed: {seq.fault[0]}")
+                )
+                del self.seqs[r.uid]
+                del self.uid_of[seq.rid]
+                if r.finish_reason is None:
+                    done.append(r.uid)
+                continue
             if r.finish_reason == "stop":  # an end-of-sequence token: not part of the text
                 seq.detokenizer.finalize()
             else:
