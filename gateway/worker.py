@@ -163,6 +163,7 @@ class Engine:
         max_tokens = min(req.get("max_tokens") or room, room)
         stops = [s for s in req.get("stop") or [] if s]
         fault: list[str] = []
+        parallel = bool(req.get("parallel_tool_calls", True))
         try:
             channels, forced = self._channels(req, prompt)
             processors = self._processors(req)
@@ -174,6 +175,8 @@ class Engine:
                 processors.append(
                     self._call_grammar(req["tool_grammar"], channels.markers.tool, fault)
                 )
+            if forced and channels is not None and channels.markers.tool:
+                processors.append(self._only_calls_follow(channels.markers.tool, parallel))
             cache, cached = self._cached_prefix(prompt)
             (uid,) = self.gen.insert(
                 [prompt[cached:]],
@@ -196,7 +199,7 @@ class Engine:
             bool(req.get("logprobs")),
             int(req.get("top_logprobs") or 0),
             channels=channels,
-            parallel_tool_calls=bool(req.get("parallel_tool_calls", True)),
+            parallel_tool_calls=parallel,
             fault=fault,
         )
         self.uid_of[rid] = uid
@@ -334,6 +337,39 @@ class Engine:
             return _keep(logits, _allowed(matcher, width))
 
         return constrain
+
+    def _only_calls_follow(self, markers: Any, parallel: bool) -> Callable[..., Any]:
+        """For a forced call (tool_choice required or named): the call is the whole answer.
+        After its end marker only end-of-sequence may follow, or another call's start marker
+        when parallel calls are allowed; a model that would go on writing text cannot."""
+        start = self.tokenizer.encode(markers[0], add_special_tokens=False)
+        end = self.tokenizer.encode(markers[1], add_special_tokens=False)
+        allowed = list(self.tokenizer.eos_token_ids) + (start[:1] if parallel else [])
+        state: dict[str, Any] = {"step": 0, "recent": [], "after": False, "opening": []}
+
+        def only_calls(tokens: Any, logits: Any) -> Any:
+            width = logits.shape[-1]
+            last = int(tokens.reshape(-1)[-1].item()) if state["step"] else None
+            state["step"] += 1
+            if state["opening"]:  # the rest of another call's start marker
+                return _keep(logits, _only([state["opening"].pop(0)], width))
+            if last is None:
+                return logits
+            if state["after"]:
+                if last != start[0]:  # end-of-sequence (which ignore_eos writes on)
+                    return _keep(logits, _only(allowed, width))
+                state["after"] = False
+                if len(start) > 1:
+                    state["opening"] = list(start[2:])
+                    return _keep(logits, _only([start[1]], width))
+                return logits
+            state["recent"] = (state["recent"] + [last])[-len(end) :]
+            if state["recent"] != end:
+                return logits
+            state["after"], state["recent"] = True, []
+            return _keep(logits, _only(allowed, width))
+
+        return only_calls
 
     def _lltokenizer(self) -> Any:
         """llguidance's view of this tokenizer: built on first use (about a second)."""

@@ -25,7 +25,7 @@ from tests.agent_model import (
     THOUGHT,
     TOOLS,
 )
-from tests.conftest import Models, Server
+from tests.conftest import NO_EOS, Models, Server
 
 AGENT = "tiny-agent"
 GREEDY = {"temperature": 0, "max_tokens": 80}
@@ -383,3 +383,21 @@ def test_a_failing_call_grammar_ends_the_request_with_an_error(models: Models) -
         engine.step(events)
     assert [e[0] for e in events] == ["s", "e"], events
     assert events[-1][2] == "ServiceError" and "/$defs/C" in events[-1][3]
+
+
+def test_a_forced_call_is_the_whole_answer(client: openai.OpenAI) -> None:
+    """tool_choice required (or a named tool): after the call only the end may follow, or
+    another call when parallel calls are allowed; never text. The model here is kept from
+    ending (end-of-sequence banned) as a model that would go on writing is."""
+    kw: dict[str, Any] = {"tools": TOOLS, "tool_choice": "required", **NO_EOS}
+    reply = ask(client, ASK_WEATHER, parallel_tool_calls=False, **kw).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    assert [(c["name"], c["arguments"]) for c in plain_calls(reply.message)] == [
+        ("get_weather", '{"city": "Paris"}')
+    ]
+    s = streamed(client, ASK_WEATHER, parallel_tool_calls=False, **kw)
+    assert (s["finish"], s["content"], len(s["calls"])) == ("tool_calls", "", 1)
+    # Parallel calls allowed: whatever follows the first call is calls too.
+    many = ask(client, ASK_WEATHER, **kw).choices[0]
+    assert many.message.content is None and len(many.message.tool_calls) >= 1
+    assert streamed(client, ASK_WEATHER, **kw)["content"] == ""
