@@ -46,6 +46,7 @@ class _Sequence:
     channels: ChannelSplitter | None = None  # reasoning and tool calls, when the model has them
     parallel_tool_calls: bool = True
     tool_calls_sent: int = 0
+    ignore_eos: bool = False  # benchmarks: run to max_tokens, end-of-sequence tokens and all
     # Why a grammar stopped holding the output (its logits processors write here): the
     # request then ends with an error instead of going on unconstrained.
     fault: list[str] = field(default_factory=list)
@@ -109,6 +110,8 @@ class Engine:
             stream=mx.new_stream(mx.default_device()),
         )
         self.eos = StopSequences([[t] for t in tokenizer.eos_token_ids])
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.no_stop = StopSequences()  # ignore_eos: only max_tokens ends the sequence
         self.seqs: dict[int, _Sequence] = {}
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
@@ -185,7 +188,7 @@ class Engine:
                 max_tokens=[max_tokens],
                 samplers=[self._sampler(req)],
                 logits_processors=[processors],
-                stop_sequences=[self.eos],
+                stop_sequences=[self.no_stop if req.get("ignore_eos") else self.eos],
             )
         except Exception as e:  # one bad request must not take the model down for everyone
             log.warning("request %s: could not start generation", rid, exc_info=True)
@@ -200,6 +203,7 @@ class Engine:
             int(req.get("top_logprobs") or 0),
             channels=channels,
             parallel_tool_calls=parallel,
+            ignore_eos=bool(req.get("ignore_eos")),
             fault=fault,
         )
         self.uid_of[rid] = uid
@@ -288,11 +292,13 @@ class Engine:
         step = [0]
 
         def constrain(tokens: Any, logits: Any) -> Any:
-            if step[0]:
+            # Once complete, the matcher takes nothing more (ignore_eos keeps writing EOS).
+            if step[0] and not matcher.is_stopped():
                 matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
             step[0] += 1
             if matcher.is_error():
                 fault[:] = [f"response_format: {matcher.get_error()}"]
+            if matcher.is_error() or matcher.is_stopped():
                 return _keep(logits, _only(eos, logits.shape[-1]))
             return _keep(logits, _allowed(matcher, logits.shape[-1]))
 
@@ -462,12 +468,11 @@ class Engine:
                 if r.finish_reason is None:
                     done.append(r.uid)
                 continue
-            if r.finish_reason == "stop":  # an end-of-sequence token: not part of the text
-                seq.detokenizer.finalize()
-            else:
+            # An end-of-sequence token is not part of the text (with ignore_eos neither).
+            if r.finish_reason != "stop" and not (seq.ignore_eos and r.token in self.eos_ids):
                 seq.detokenizer.add_token(r.token)
-                if r.finish_reason is not None:
-                    seq.detokenizer.finalize()
+            if r.finish_reason is not None:
+                seq.detokenizer.finalize()
             text, hit_stop = self._hold_back(
                 seq, seq.detokenizer.last_segment, final=r.finish_reason is not None
             )

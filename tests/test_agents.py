@@ -29,6 +29,10 @@ from tests.conftest import NO_EOS, Models, Server
 
 AGENT = "tiny-agent"
 GREEDY = {"temperature": 0, "max_tokens": 80}
+IGNORE_EOS_USAGE: dict[str, Any] = {
+    "extra_body": {"ignore_eos": True},
+    "stream_options": {"include_usage": True},
+}
 
 
 def ask(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) -> Any:
@@ -401,3 +405,29 @@ def test_a_forced_call_is_the_whole_answer(client: openai.OpenAI) -> None:
     many = ask(client, ASK_WEATHER, **kw).choices[0]
     assert many.message.content is None and len(many.message.tool_calls) >= 1
     assert streamed(client, ASK_WEATHER, **kw)["content"] == ""
+
+
+def test_ignore_eos_runs_to_max_tokens(client: openai.OpenAI) -> None:
+    """ignore_eos (aiperf's and vLLM's benchmarks send it): end-of-sequence does not end
+    the answer, max_tokens does."""
+    short = ask(client, ASK_THINK)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+    long = ask(client, ASK_THINK, max_tokens=40, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+    assert "</s>" not in long.choices[0].message.content  # end-of-sequence is not text
+    chunks = list(ask(client, ASK_THINK, max_tokens=40, stream=True, **IGNORE_EOS_USAGE))
+    assert chunks[-1].usage.completion_tokens == 40
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # With a response_format the answer is the JSON, then end-of-sequence to max_tokens.
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "blue"]}},
+        "required": ["color"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    shaped = ask(
+        client, ASK_THINK, max_tokens=40, response_format=fmt, extra_body={"ignore_eos": True}
+    )
+    assert shaped.choices[0].finish_reason == "length" and shaped.usage.completion_tokens == 40
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), schema)
