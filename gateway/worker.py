@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.channels import ChannelSplitter, Markers
-from gateway.hub import context_length_of
+from gateway.hub import context_length_of, think_markers
 from gateway.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
 from gateway.pipe import WorkerPipe
 
@@ -94,6 +94,7 @@ class Engine:
         batch_size: int,
         vocab_size: int,
         prompt_cache_bytes: int = 0,
+        think: tuple[str, str] | None = None,
     ) -> None:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator, StopSequences
@@ -112,6 +113,7 @@ class Engine:
         self.eos = StopSequences([[t] for t in tokenizer.eos_token_ids])
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.no_stop = StopSequences()  # ignore_eos: only max_tokens ends the sequence
+        self.think = think  # reasoning markers: gateway.hub.think_markers, as model_info says
         self.seqs: dict[int, _Sequence] = {}
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
@@ -234,9 +236,7 @@ class Engine:
         tok = self.tokenizer
         if req["kind"] != "chat":
             return None, []  # a raw completion is raw text
-        think = None
-        if tok.has_thinking and req.get("reasoning") != "inline":
-            think = (tok.think_start, tok.think_end)
+        think = self.think if req.get("reasoning") != "inline" else None
         tool, parse, json_calls = None, None, False
         if req.get("tools"):
             name = req.get("tool_parser")
@@ -682,6 +682,7 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
             int(options.get("batch_size", 32)),
             vocab,
             int(options.get("prompt_cache_bytes", 0)),
+            think_markers(Path(model_path)),
         ).run()
         log.info("stopping: asked by the gateway")
     except (EOFError, OSError, KeyboardInterrupt):

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from mcp import Client, StdioServerParameters
 
+from tests.agent_model import ASK_THINK, THOUGHT
 from tests.conftest import Models
 from tests.server import ROOT, Server, free_port, start_server
 
@@ -350,7 +351,23 @@ def test_model_info_hints(url: str, models: Models, tmp_path: Path) -> None:
     config |= {"quantization": {"bits": 4, "group_size": 64}, "vision_config": {}}
     (folder / "config.json").write_text(json.dumps(config))
     info = call(url, "model_info", model=str(folder))  # an absolute path is a model name too
-    assert (info["tool_calling"], info["reasoning"], info["multimodal"]) == (True, True, True)
+    # A template that mentions <think> is not enough: reasoning is split at think markers in
+    # the vocabulary (test_model_info_reasoning_is_what_the_worker_does), and tiny-a has none.
+    assert (info["tool_calling"], info["reasoning"], info["multimodal"]) == (True, False, True)
     assert info["quantization"] == {"bits": 4, "group_size": 64}
     plain = call(url, "model_info", model="tiny-a")
     assert (plain["tool_calling"], plain["reasoning"], plain["multimodal"]) == (False,) * 3
+
+
+def test_model_info_reasoning_is_what_the_worker_does(url: str, client: openai.OpenAI) -> None:
+    """model_info's `reasoning` and the worker's splitting of reasoning come from one
+    function (gateway.hub.think_markers): a model that says it reasons has its thinking in
+    reasoning_content, and one that says it does not, never."""
+    assert call(url, "model_info", model="tiny-agent")["reasoning"] is True
+    think = client.chat.completions.create(
+        model="tiny-agent", messages=ASK_THINK, temperature=0, max_tokens=40
+    )
+    assert think.choices[0].message.model_extra["reasoning_content"] == THOUGHT
+    assert call(url, "model_info", model="tiny-a")["reasoning"] is False
+    plain = client.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=4)
+    assert "reasoning_content" not in (plain.choices[0].message.model_extra or {})
