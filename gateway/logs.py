@@ -9,6 +9,7 @@ only it can see (the process died, and how) to the same file.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import logging.handlers
@@ -93,12 +94,21 @@ def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
     listener.start()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        handlers=[logging.handlers.QueueHandler(records)],
-        force=True,
-    )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[_Enqueue(records)], force=True)
     return listener
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues a record with its message fixed now (its arguments may change later) and its
+    traceback kept for the formatter. The default prepare() formats the record with logging's
+    basic format, which doubled each line's prefix ("INFO mlx_manager: INFO:mlx_manager: ...")
+    and folded tracebacks into the message; the queue never leaves this process, so the
+    record needs no flattening."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        return record
 
 
 # Worker logs ------------------------------------------------------------------------------------
