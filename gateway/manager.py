@@ -32,7 +32,13 @@ from gateway.keys import ApiKeys, client_key
 from gateway.metrics import Metrics
 from gateway.pool import ModelPool
 from gateway.profiles import Profiles
-from gateway.requestlog import GENERATION_ENDPOINTS, RequestLog, RequestRecord, content_of
+from gateway.requestlog import (
+    CANCELLED,
+    GENERATION_ENDPOINTS,
+    RequestLog,
+    RequestRecord,
+    content_of,
+)
 
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
@@ -216,6 +222,11 @@ class Manager:
         in the request log and the metrics."""
         row = record.row()
         quiet = record.endpoint in QUIET_PATHS and (record.status or 0) < 400
+        # An MCP client's GET /mcp stream (messages from the server) lasts until the client
+        # closes it: that is its normal end, not a request that failed with 499.
+        quiet = quiet or (
+            record.method == "GET" and record.endpoint == "/mcp" and record.status == CANCELLED
+        )
         level = logging.DEBUG if quiet else logging.INFO
         if access_log.isEnabledFor(level):
             access_log.log(level, "request", extra={"fields": record.fields(row)})

@@ -4,6 +4,7 @@ and over stdio against `mlx-manager mcp` (with and without a server running)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
@@ -16,7 +17,10 @@ import httpx
 import openai
 import psutil
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client, ClientSession, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp.types import METHOD_NOT_FOUND
 
 from tests.agent_model import ASK_THINK, THOUGHT
 from tests.conftest import Models
@@ -371,3 +375,51 @@ def test_model_info_reasoning_is_what_the_worker_does(url: str, client: openai.O
     assert call(url, "model_info", model="tiny-a")["reasoning"] is False
     plain = client.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=4)
     assert "reasoning_content" not in (plain.choices[0].message.model_extra or {})
+
+
+def test_server_info_descriptions_and_no_prompts(url: str) -> None:
+    async def work(c: Client) -> Any:
+        tools = (await c.list_tools()).tools
+        with pytest.raises(MCPError) as e:
+            await c.get_prompt("nope")
+        return c.server_info, c.server_capabilities, tools, e.value.error
+
+    info, capabilities, tools, prompt_error = session(url, work)
+    assert info.name == "mlx-manager" and info.version == version("mlx-manager")
+    for t in tools:  # the docstrings' source indentation is gone
+        assert t.description == inspect.cleandoc(t.description), t.name
+        assert not any(line[:1].isspace() for line in t.description.splitlines()), t.name
+    # No prompts: none advertised, and asking for one is "method not found", not a crash.
+    assert capabilities.prompts is None
+    assert prompt_error.code == METHOD_NOT_FOUND
+
+
+def test_clients_leave_no_tracebacks_or_failed_streams(models: Models, tmp_path: Path) -> None:
+    """A session over the SDK's streamable HTTP transport that asks for an unknown prompt,
+    then goes away without ending its session (as a client that quits does): its GET /mcp
+    stream ends with the client, which is normal, so it is logged at debug level, not as a
+    499; and the unknown prompt leaves no traceback."""
+    home = tmp_path / "home"
+    server = start_server(home, models.env(home, log_level="debug"))
+    try:
+
+        async def main() -> None:
+            transport = streamable_http_client(server.url + "/mcp", terminate_on_close=False)
+            async with transport as (read, write, *_), ClientSession(read, write) as s:
+                init = await s.initialize()
+                assert init.capabilities.prompts is None
+                assert init.server_info.version == version("mlx-manager")
+                with pytest.raises(MCPError) as e:
+                    await s.get_prompt("nope")
+                assert e.value.error.code == METHOD_NOT_FOUND
+
+        asyncio.run(main())
+        log = home / "logs" / "mlx-manager.log"
+        line = server.wait_for(
+            lambda: next((x for x in log.read_text().splitlines() if "GET path=/mcp" in x), None),
+            what="the GET /mcp stream's log line",
+        )
+        assert " DEBUG mlx_manager.access: " in line, line
+        assert "Traceback" not in log.read_text()
+    finally:
+        server.stop()
