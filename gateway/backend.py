@@ -18,7 +18,13 @@ from gateway.metrics import Metrics
 from gateway.pool import ModelPool
 from gateway.protocol import Output
 from gateway.request import Choice, GenerateRequest
-from gateway.requestlog import GENERATION_ENDPOINTS, RequestLog, RequestRecord, content_of
+from gateway.requestlog import (
+    CANCELLED,
+    GENERATION_ENDPOINTS,
+    RequestLog,
+    RequestRecord,
+    content_of,
+)
 from gateway.stream import Generation, Usage
 
 # Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
@@ -147,6 +153,11 @@ class LocalBackend:
         in the request log and the metrics."""
         row = record.row()
         quiet = record.endpoint in QUIET_PATHS and (record.status or 0) < 400
+        # An MCP client's GET /mcp stream (messages from the server) lasts until the client
+        # closes it: that is its normal end, not a request that failed with 499.
+        quiet = quiet or (
+            record.method == "GET" and record.endpoint == "/mcp" and record.status == CANCELLED
+        )
         level = logging.DEBUG if quiet else logging.INFO
         if access_log.isEnabledFor(level):
             access_log.log(level, "request", extra={"fields": record.fields(row)})

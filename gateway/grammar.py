@@ -50,28 +50,88 @@ def grammar_for_text(response_format: str) -> str | None:
 def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
     """`{"name": <one of the tools>, "arguments": <that tool's parameters>}`, in the layout
     json.dumps and chat templates use: a worker holds a JSON-format tool call to it once the
-    model opens one."""
+    model opens one. A tool whose parameters cannot be compiled is a 400 naming it: a worker
+    never decodes a call without its grammar."""
     return _tool_call_grammar(json.dumps(tools))  # key order kept: it is the call's order
 
 
 @lru_cache(maxsize=64)
 def _tool_call_grammar(tools_json: str) -> str:
+    tools = json.loads(tools_json)
+    grammar, error = _call_grammar(tools)
+    if error is None:
+        return grammar
+    for tool in tools:  # find the tool to blame
+        _, error = _call_grammar([tool])
+        if error is not None:
+            raise InvalidRequest(
+                f"Tool '{tool['function']['name']}': its parameters are not a JSON schema "
+                f"this server can enforce: {error}",
+                param="tools",
+            )
+    raise InvalidRequest(f"The tools' parameters cannot be enforced together: {error}")
+
+
+def _call_grammar(tools: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The grammar of a call to one of `tools`, and why it cannot be enforced (None: it can).
+
+    Each tool's parameters move under the root's `$defs`, their own `$ref`s rebased to match:
+    nested under the call's `arguments`, a `#/$defs/...` reference (what pydantic writes for
+    every enum and nested model) would point at nothing."""
     from llguidance import LLMatcher
 
-    schema = {
-        "anyOf": [
+    defs: dict[str, Any] = {}
+    branches = []
+    for i, t in enumerate(tools):
+        key = f"tool{i}"
+        params = dict(t["function"].get("parameters") or {"type": "object"})
+        params.pop("$id", None)  # its refs now resolve against the combined document
+        defs[key] = _rebased(params, f"/$defs/{key}")
+        branches.append(
             {
                 "type": "object",
                 "properties": {
                     "name": {"const": t["function"]["name"]},
-                    "arguments": t["function"].get("parameters") or {"type": "object"},
+                    "arguments": {"$ref": f"#/$defs/{key}"},
                 },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for t in json.loads(tools_json)
-        ]
-    }
+        )
+    schema = {"$defs": defs, "anyOf": branches}
     # Free whitespace would let a model pad a call forever.
     layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    return LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
+    except (ValueError, TypeError) as e:
+        return "", str(e)
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    return grammar, ("; ".join(messages) or "invalid schema") if failed else None
+
+
+# Keywords whose values are data (a `$ref` key there is not a reference), and keywords whose
+# values map names (which may be anything, "enum" included) to schemas.
+_DATA = frozenset({"const", "enum", "default", "examples"})
+_SCHEMA_MAPS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with each local `$ref` (`#`, `#/...`) pointing into `base`, the JSON pointer
+    the schema now sits at. Recursive references keep working: they point at it again."""
+    if isinstance(schema, list):
+        return [_rebased(s, base) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = "#" + base + value[1:]
+        elif key in _DATA:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebased(s, base) for name, s in value.items()}
+        else:
+            out[key] = _rebased(value, base)
+    return out

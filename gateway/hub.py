@@ -52,6 +52,63 @@ def context_length_of(config: dict[str, Any]) -> int | None:
     return None
 
 
+# The single-token think markers mlx-lm looks for in a vocabulary, in its order
+# (mlx_lm.tokenizer_utils._infer_thinking).
+_THINK_TOKENS = (
+    ("<think>", "</think>"),
+    ("<longcat_think>", "</longcat_think>"),
+    ("<|think:start|>", "<|think:end|>"),
+)
+
+
+def think_markers(path: Path) -> tuple[str, str] | None:
+    """The markers around a model's reasoning, inferred from its vocabulary the way mlx-lm
+    infers them; None when it has none. The one answer to "does this model reason": the
+    worker splits reasoning at these markers, and model inspection reports them, without
+    loading the tokenizer (the gateway never imports MLX or transformers for it)."""
+    vocab = _vocabulary(path)
+    for start, end in _THINK_TOKENS:
+        if start in vocab and end in vocab:
+            return start, end
+    if "<|channel>" in vocab and "<channel|>" in vocab:
+        return "<|channel>thought", "<channel|>"
+    if all(t in vocab for t in ("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>")):
+        return "<|open|>think<|sep|>", "<|close|>think<|sep|>"
+    return None
+
+
+def _vocabulary(path: Path) -> set[str]:
+    """Every token string a model's tokenizer files name: tokenizer.json's vocabulary and
+    added tokens, tokenizer_config.json's added tokens, added_tokens.json, vocab.json."""
+
+    def read(name: str) -> Any:
+        try:
+            return json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    tokens: set[str] = set()
+    tokenizer = read("tokenizer.json")
+    if isinstance(tokenizer, dict):
+        vocab = (tokenizer.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            tokens.update(vocab)
+        elif isinstance(vocab, list):  # Unigram: [token, score] pairs
+            tokens.update(v[0] for v in vocab if isinstance(v, list) and v)
+        tokens.update(
+            t.get("content") for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)
+        )
+    config = read("tokenizer_config.json")
+    if isinstance(config, dict) and isinstance(config.get("added_tokens_decoder"), dict):
+        tokens.update(
+            t.get("content") for t in config["added_tokens_decoder"].values() if isinstance(t, dict)
+        )
+    for name in ("added_tokens.json", "vocab.json"):
+        if isinstance(extra := read(name), dict):
+            tokens.update(extra)
+    return {t for t in tokens if isinstance(t, str)}
+
+
 def _read_model_dir(path: Path) -> tuple[dict[str, Any], int, int, int] | None:
     """(config, total bytes, weight bytes, mtime) for a folder that holds a model, else None."""
     try:
@@ -222,7 +279,7 @@ def inspect_model(model: LocalModel) -> dict[str, Any]:
         "weights_bytes": model.weights_bytes,
         "chat_template": bool(template),
         "tool_calling": "tools" in template,
-        "reasoning": "<think>" in template or "enable_thinking" in template,
+        "reasoning": think_markers(model.path) is not None,
         "multimodal": any(k in config for k in ("vision_config", "audio_config")),
         "description": model.description,
     }

@@ -56,7 +56,7 @@ class Worker(Protocol):
     """What the pool needs of a worker: gateway/handle.py's WorkerHandle, or a test's fake.
 
     Its state goes loading -> ready -> stopped, or failed. Events of each submitted request go
-    to its sink as the tuples gateway/generation.py lists, ending with "f" or "e". When it dies
+    to its sink as gateway/protocol.py's events, ending with Finished or Failed. When it dies
     or hangs on its own (not when stopped), it fails what it runs with ModelUnavailable, sets
     `state` "failed" (and `stalled` for a hang) and calls the on_exit its factory was given
     (while loading too: start() then raises).

@@ -37,6 +37,7 @@ class GenerationRequest:
     tool_parser: str | None = None  # an mlx-lm tool parser module; None: the tokenizer's
     grammar: str | None = None  # llguidance grammar the output must follow (response_format)
     tool_grammar: str | None = None  # what a JSON tool call may be, once the model opens one
+    ignore_eos: bool = False  # run to max_tokens even past end-of-sequence (benchmarks)
 
     def with_defaults(
         self, profile: dict[str, Any] | None, default_max_tokens: int | None

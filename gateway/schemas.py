@@ -151,6 +151,9 @@ class _Sampling(_Body):
     user: str | None = None
     # JSON output, enforced while decoding: every answer parses (and follows the schema).
     response_format: ResponseFormat | None = None
+    # vLLM's and llama.cpp's extra (benchmark tools send it): end-of-sequence does not end the
+    # answer, max_tokens does.
+    ignore_eos: bool = False
     # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 300;
     # 0 unloads it right after, a negative value keeps it loaded).
     keep_alive: float | str | None = None
@@ -195,6 +198,7 @@ class _Sampling(_Body):
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
             "grammar": self.response_format.grammar() if self.response_format else None,
+            "ignore_eos": self.ignore_eos,
         }
 
     def generate_request(self) -> GenerateRequest:

@@ -17,12 +17,12 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.channels import ChannelSplitter, Markers
-from gateway.hub import context_length_of
+from gateway.hub import context_length_of, think_markers
 from gateway.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
 from gateway.pipe import WorkerPipe
 from gateway.protocol import (
@@ -67,6 +67,10 @@ class _Sequence:
     parallel_tool_calls: bool = True
     tool_calls_sent: int = 0
     reasoning_tokens: int = 0
+    ignore_eos: bool = False  # benchmarks: run to max_tokens, end-of-sequence tokens and all
+    # Why a grammar stopped holding the output (its logits processors write here): the
+    # request then ends with an error instead of going on unconstrained.
+    fault: list[str] = field(default_factory=list)
 
 
 def _finite(logprob: float) -> float:
@@ -111,6 +115,7 @@ class Engine:
         batch_size: int,
         vocab_size: int,
         prompt_cache_bytes: int = 0,
+        think: tuple[str, str] | None = None,
     ) -> None:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator, StopSequences
@@ -127,6 +132,9 @@ class Engine:
             stream=mx.new_stream(mx.default_device()),
         )
         self.eos = StopSequences([[t] for t in tokenizer.eos_token_ids])
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.no_stop = StopSequences()  # ignore_eos: only max_tokens ends the sequence
+        self.think = think  # reasoning markers: gateway.hub.think_markers, as model_info says
         self.seqs: dict[int, _Sequence] = {}
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
@@ -178,15 +186,21 @@ class Engine:
         room = limit - len(prompt)
         max_tokens = min(req.get("max_tokens") or room, room)
         stops = [s for s in req.get("stop") or [] if s]
+        fault: list[str] = []
+        parallel = bool(req.get("parallel_tool_calls", True))
         try:
             channels, forced = self._channels(req, prompt)
             processors = self._processors(req)
             if forced:
                 processors.append(self._force_prefix(forced))
             if req.get("grammar"):
-                processors.append(self._constrain(req["grammar"]))
+                processors.append(self._constrain(req["grammar"], fault))
             elif channels is not None and channels.json_calls:
-                processors.append(self._call_grammar(req["tool_grammar"], channels.markers.tool))
+                processors.append(
+                    self._call_grammar(req["tool_grammar"], channels.markers.tool, fault)
+                )
+            if forced and channels is not None and channels.markers.tool:
+                processors.append(self._only_calls_follow(channels.markers.tool, parallel))
             cache, cached = self._cached_prefix(prompt)
             (uid,) = self.gen.insert(
                 [prompt[cached:]],
@@ -195,7 +209,7 @@ class Engine:
                 max_tokens=[max_tokens],
                 samplers=[self._sampler(req)],
                 logits_processors=[processors],
-                stop_sequences=[self.eos],
+                stop_sequences=[self.no_stop if req.get("ignore_eos") else self.eos],
             )
         except Exception as e:  # one bad request must not take the model down for everyone
             log.warning("request %s: could not start generation", rid, exc_info=True)
@@ -209,7 +223,9 @@ class Engine:
             bool(req.get("logprobs")),
             int(req.get("top_logprobs") or 0),
             channels=channels,
-            parallel_tool_calls=bool(req.get("parallel_tool_calls", True)),
+            parallel_tool_calls=parallel,
+            ignore_eos=bool(req.get("ignore_eos")),
+            fault=fault,
         )
         self.uid_of[rid] = uid
         events.append(Started(rid, len(prompt), cached))
@@ -239,9 +255,7 @@ class Engine:
         tok = self.tokenizer
         if req["kind"] != "chat":
             return None, []  # a raw completion is raw text
-        think = None
-        if tok.has_thinking and req.get("reasoning") != "inline":
-            think = (tok.think_start, tok.think_end)
+        think = self.think if req.get("reasoning") != "inline" else None
         tool, parse, json_calls = None, None, False
         if req.get("tools"):
             name = req.get("tool_parser")
@@ -283,10 +297,11 @@ class Engine:
 
         return force
 
-    def _constrain(self, grammar: str) -> Callable[..., Any]:
+    def _constrain(self, grammar: str, fault: list[str]) -> Callable[..., Any]:
         """A logits processor that allows only tokens keeping the output inside `grammar`
         (llguidance computes the allowed set for each step; once the grammar is complete,
-        only end-of-sequence is allowed)."""
+        only end-of-sequence is allowed). Should the matcher fail, it says why in `fault`,
+        which ends the request with an error: never unconstrained output."""
         from llguidance import LLMatcher
 
         matcher = LLMatcher(self._lltokenizer(), grammar, log_level=0)
@@ -296,24 +311,29 @@ class Engine:
         step = [0]
 
         def constrain(tokens: Any, logits: Any) -> Any:
-            if step[0]:
+            # Once complete, the matcher takes nothing more (ignore_eos keeps writing EOS).
+            if step[0] and not matcher.is_stopped():
                 matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
             step[0] += 1
             if matcher.is_error():
+                fault[:] = [f"response_format: {matcher.get_error()}"]
+            if matcher.is_error() or matcher.is_stopped():
                 return _keep(logits, _only(eos, logits.shape[-1]))
             return _keep(logits, _allowed(matcher, logits.shape[-1]))
 
         return constrain
 
-    def _call_grammar(self, grammar: str, markers: Any) -> Callable[..., Any]:
+    def _call_grammar(self, grammar: str, markers: Any, fault: list[str]) -> Callable[..., Any]:
         """A lazy grammar for JSON tool calls: free text until the model writes the call
         marker, then only what `grammar` allows (gateway/grammar.py: a real tool's name and
         arguments) and the end marker. Calls are then always well-formed, so their arguments
-        can stream."""
+        can stream. A matcher that fails says why in `fault` (the request ends with an
+        error) rather than let a call be decoded freely."""
         from llguidance import LLMatcher
 
         start = self.tokenizer.encode(markers[0], add_special_tokens=False)
         end = self.tokenizer.encode(markers[1], add_special_tokens=False)
+        eos = list(self.tokenizer.eos_token_ids)
         lltok = self._lltokenizer()
         state: dict[str, Any] = {"step": 0, "recent": [], "matcher": None, "ending": []}
 
@@ -330,11 +350,11 @@ class Engine:
                 if state["recent"] != start:
                     return logits
                 matcher = state["matcher"] = LLMatcher(lltok, grammar, log_level=0)
-            elif last is not None:
+            elif last is not None and not fault:
                 matcher.consume_token(last)
             if matcher.is_error():
-                state["matcher"], state["recent"] = None, []
-                return logits
+                fault[:] = [f"tool call: {matcher.get_error()}"]
+                return _keep(logits, _only(eos, width))
             if matcher.is_stopped():  # the call's JSON is complete: the end marker follows
                 state["matcher"], state["recent"] = None, []
                 state["ending"] = list(end[1:])
@@ -342,6 +362,39 @@ class Engine:
             return _keep(logits, _allowed(matcher, width))
 
         return constrain
+
+    def _only_calls_follow(self, markers: Any, parallel: bool) -> Callable[..., Any]:
+        """For a forced call (tool_choice required or named): the call is the whole answer.
+        After its end marker only end-of-sequence may follow, or another call's start marker
+        when parallel calls are allowed; a model that would go on writing text cannot."""
+        start = self.tokenizer.encode(markers[0], add_special_tokens=False)
+        end = self.tokenizer.encode(markers[1], add_special_tokens=False)
+        allowed = list(self.tokenizer.eos_token_ids) + (start[:1] if parallel else [])
+        state: dict[str, Any] = {"step": 0, "recent": [], "after": False, "opening": []}
+
+        def only_calls(tokens: Any, logits: Any) -> Any:
+            width = logits.shape[-1]
+            last = int(tokens.reshape(-1)[-1].item()) if state["step"] else None
+            state["step"] += 1
+            if state["opening"]:  # the rest of another call's start marker
+                return _keep(logits, _only([state["opening"].pop(0)], width))
+            if last is None:
+                return logits
+            if state["after"]:
+                if last != start[0]:  # end-of-sequence (which ignore_eos writes on)
+                    return _keep(logits, _only(allowed, width))
+                state["after"] = False
+                if len(start) > 1:
+                    state["opening"] = list(start[2:])
+                    return _keep(logits, _only([start[1]], width))
+                return logits
+            state["recent"] = (state["recent"] + [last])[-len(end) :]
+            if state["recent"] != end:
+                return logits
+            state["after"], state["recent"] = True, []
+            return _keep(logits, _only(allowed, width))
+
+        return only_calls
 
     def _lltokenizer(self) -> Any:
         """llguidance's view of this tokenizer: built on first use (about a second)."""
@@ -425,12 +478,20 @@ class Engine:
                 continue
             seq.tokens += 1
             self.generated_total += 1
-            if r.finish_reason == "stop":  # an end-of-sequence token: not part of the text
-                seq.detokenizer.finalize()
-            else:
+            if seq.fault:  # its grammar failed: end it rather than let it decode freely
+                events.append(
+                    Failed(seq.rid, "ServiceError", f"The output grammar failed: {seq.fault[0]}")
+                )
+                del self.seqs[r.uid]
+                del self.uid_of[seq.rid]
+                if r.finish_reason is None:
+                    done.append(r.uid)
+                continue
+            # An end-of-sequence token is not part of the text (with ignore_eos neither).
+            if r.finish_reason != "stop" and not (seq.ignore_eos and r.token in self.eos_ids):
                 seq.detokenizer.add_token(r.token)
-                if r.finish_reason is not None:
-                    seq.detokenizer.finalize()
+            if r.finish_reason is not None:
+                seq.detokenizer.finalize()
             text, hit_stop = self._hold_back(
                 seq, seq.detokenizer.last_segment, final=r.finish_reason is not None
             )
@@ -641,6 +702,7 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
             int(options.get("batch_size", 32)),
             vocab,
             int(options.get("prompt_cache_bytes", 0)),
+            think_markers(Path(model_path)),
         ).run()
         log.info("stopping: asked by the gateway")
     except (EOFError, OSError, KeyboardInterrupt):

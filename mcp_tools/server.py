@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -99,11 +100,24 @@ def _key_name(ctx: Context) -> str | None:
     return scope.get("state", {}).get("api_key") if isinstance(scope, dict) else None
 
 
+def _package_version() -> str:
+    try:
+        return version("mlx-manager")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def build_mcp(service: Service) -> MCPServer:
-    mcp = MCPServer(name="mlx-manager", instructions=INSTRUCTIONS)
+    mcp = MCPServer(name="mlx-manager", instructions=INSTRUCTIONS, version=_package_version())
+    # This server has no prompts. The SDK registers the prompt methods anyway and advertises
+    # the capability for any registered method; a client that then asked for a prompt got
+    # an internal error and the server a traceback. Without them it is "method not found".
+    for method in ("prompts/list", "prompts/get"):
+        mcp._lowlevel_server._request_handlers.pop(method, None)
 
     def tool(fn: F) -> F:
-        mcp.tool()(_errors_as_tool_errors(fn))
+        # The description is the docstring without its source indentation.
+        mcp.tool(description=inspect.cleandoc(fn.__doc__ or ""))(_errors_as_tool_errors(fn))
         return fn
 
     # Models -----------------------------------------------------------------------------------

@@ -3,12 +3,15 @@ answer with known tool calls and think blocks (tests/agent_model.py)."""
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.agent_model import (
     ASK_BROKEN,
@@ -22,10 +25,14 @@ from tests.agent_model import (
     THOUGHT,
     TOOLS,
 )
-from tests.conftest import Server
+from tests.conftest import NO_EOS, Models, Server
 
 AGENT = "tiny-agent"
 GREEDY = {"temperature": 0, "max_tokens": 80}
+IGNORE_EOS_USAGE: dict[str, Any] = {
+    "extra_body": {"ignore_eos": True},
+    "stream_options": {"include_usage": True},
+}
 
 
 def ask(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) -> Any:
@@ -251,3 +258,179 @@ def test_a_profile_picks_the_tool_parser(client: openai.OpenAI, server: Server) 
     )
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "tool_parser" and "json_tools" in bad.text
+
+
+class Color(enum.StrEnum):
+    red = "red"
+    blue = "blue"
+
+
+class Owner(BaseModel):
+    name: Annotated[str, Field(max_length=8)]  # bounded: the call always finishes
+    age: Annotated[int, Field(ge=0, le=120)]
+
+
+class Pet(BaseModel):
+    color: Color
+    owner: Owner
+
+
+class Node(BaseModel):
+    label: Color
+    children: list[Node]
+
+
+PET = {"type": "function", "function": {"name": "Pet"}}
+
+
+def test_a_pydantic_tool_with_refs_is_held_to_its_schema(client: openai.OpenAI) -> None:
+    """openai.pydantic_function_tool writes `$defs` and `$ref` for enums and nested models;
+    nested under a call's arguments those references must still resolve, or the grammar
+    would be dropped and the model write any call at all (here: get_weather's)."""
+    tool = openai.pydantic_function_tool(Pet)
+    for stream in (False, True):
+        kw: dict[str, Any] = {"tools": [tool], "tool_choice": PET, "parallel_tool_calls": False}
+        if stream:
+            s = streamed(client, ASK_WEATHER, max_tokens=120, **kw)
+            assert s["finish"] == "tool_calls" and s["content"] == ""
+            calls = [(c["name"], c["arguments"]) for c in s["calls"]]
+        else:
+            reply = client.chat.completions.parse(
+                model=AGENT, messages=ASK_WEATHER, **{**GREEDY, "max_tokens": 120, **kw}
+            )
+            choice = reply.choices[0]
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            (call,) = choice.message.tool_calls
+            assert isinstance(call.function.parsed_arguments, Pet)  # the SDK's own check
+            calls = [(call.function.name, call.function.arguments)]
+        ((name, arguments),) = calls
+        assert name == "Pet"
+        jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
+
+
+def test_recursive_refs_compile_and_hold(tokenizer_of: Any) -> None:
+    """A model that contains itself (`$ref` to its own definition) keeps its recursion once
+    its parameters move under the call's grammar."""
+    import llguidance.hf
+    from llguidance import LLMatcher
+
+    from gateway.grammar import tool_call_grammar
+
+    tok = tokenizer_of(AGENT)
+    lltok = llguidance.hf.from_tokenizer(tok._tokenizer, eos_token=list(tok.eos_token_ids))
+    grammar = tool_call_grammar([openai.pydantic_function_tool(Node)])
+
+    def accepts(arguments: dict[str, Any]) -> bool:
+        text = json.dumps({"name": "Node", "arguments": arguments})
+        matcher = LLMatcher(lltok, grammar, log_level=0)
+        ok = matcher.consume_tokens(tok.encode(text, add_special_tokens=False))
+        return bool(ok) and not matcher.is_error() and matcher.is_accepting()
+
+    leaf = {"label": "blue", "children": []}
+    assert accepts({"label": "red", "children": [leaf, {"label": "red", "children": [leaf]}]})
+    assert not accepts({"label": "red", "children": [{"label": "green", "children": []}]})
+    assert not accepts({"label": "red", "children": [{"label": "red"}]})
+
+
+def test_a_schema_that_cannot_be_enforced_is_refused(client: openai.OpenAI) -> None:
+    """Never a call decoded without its grammar: a tool whose parameters cannot be compiled
+    is a 400 that names it."""
+    broken = {
+        "type": "function",
+        "function": {
+            "name": "lookbehind",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "string", "pattern": "(?<=x)y"}},
+            },
+        },
+    }
+    for tools in ([*TOOLS, broken], [broken]):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, ASK_WEATHER, tools=tools)
+        assert "'lookbehind'" in e.value.body["message"] and e.value.body["param"] == "tools"
+    missing = {"$ref": "#/$defs/Nowhere"}
+    dangling = {"type": "function", "function": {"name": "dangling", "parameters": missing}}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, ASK_WEATHER, tools=[dangling], tool_choice="required")
+    assert "'dangling'" in e.value.body["message"]
+
+
+def test_a_failing_call_grammar_ends_the_request_with_an_error(models: Models) -> None:
+    """Inside the worker: should a call's grammar fail all the same (here one built the way
+    the gateway once did, with a `$ref` that points at nothing), the request ends with an
+    error instead of the model writing the call unconstrained. The real Engine and model,
+    driven directly: the gateway refuses such a grammar before a worker sees it."""
+    from llguidance import LLMatcher
+    from mlx_lm import load
+
+    from gateway.protocol import Event, Failed, Started
+    from gateway.request import GenerationRequest
+    from gateway.worker import Engine
+
+    model, tok = load(str(models.path(AGENT)))
+    # submit() and step() only fill the event list: no pipe to the gateway is needed.
+    engine = Engine(model, tok, conn=None, context_length=2048, batch_size=4, vocab_size=len(tok))
+    arguments = {"$defs": {"C": {"type": "string"}}, "properties": {"city": {"$ref": "#/$defs/C"}}}
+    nested = {"properties": {"name": {"const": "get_weather"}, "arguments": arguments}}
+    request = GenerationRequest(
+        kind="chat",
+        messages=ASK_WEATHER,
+        tools=TOOLS,
+        tool_choice="required",
+        tool_grammar=LLMatcher.grammar_from_json_schema(json.dumps(nested)),
+        max_tokens=40,
+        temperature=0,
+    )
+    events: list[Event] = []
+    engine.submit("r1", request.payload(), events)
+    while engine.seqs:
+        engine.step(events)
+    assert [type(e) for e in events] == [Started, Failed], events
+    failed = events[-1]
+    assert isinstance(failed, Failed)
+    assert failed.kind == "ServiceError" and "/$defs/C" in failed.message
+
+
+def test_a_forced_call_is_the_whole_answer(client: openai.OpenAI) -> None:
+    """tool_choice required (or a named tool): after the call only the end may follow, or
+    another call when parallel calls are allowed; never text. The model here is kept from
+    ending (end-of-sequence banned) as a model that would go on writing is."""
+    kw: dict[str, Any] = {"tools": TOOLS, "tool_choice": "required", **NO_EOS}
+    reply = ask(client, ASK_WEATHER, parallel_tool_calls=False, **kw).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    assert [(c["name"], c["arguments"]) for c in plain_calls(reply.message)] == [
+        ("get_weather", '{"city": "Paris"}')
+    ]
+    s = streamed(client, ASK_WEATHER, parallel_tool_calls=False, **kw)
+    assert (s["finish"], s["content"], len(s["calls"])) == ("tool_calls", "", 1)
+    # Parallel calls allowed: whatever follows the first call is calls too.
+    many = ask(client, ASK_WEATHER, **kw).choices[0]
+    assert many.message.content is None and len(many.message.tool_calls) >= 1
+    assert streamed(client, ASK_WEATHER, **kw)["content"] == ""
+
+
+def test_ignore_eos_runs_to_max_tokens(client: openai.OpenAI) -> None:
+    """ignore_eos (aiperf's and vLLM's benchmarks send it): end-of-sequence does not end
+    the answer, max_tokens does."""
+    short = ask(client, ASK_THINK)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+    long = ask(client, ASK_THINK, max_tokens=40, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+    assert "</s>" not in long.choices[0].message.content  # end-of-sequence is not text
+    chunks = list(ask(client, ASK_THINK, max_tokens=40, stream=True, **IGNORE_EOS_USAGE))
+    assert chunks[-1].usage.completion_tokens == 40
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # With a response_format the answer is the JSON, then end-of-sequence to max_tokens.
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "blue"]}},
+        "required": ["color"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    shaped = ask(
+        client, ASK_THINK, max_tokens=40, response_format=fmt, extra_body={"ignore_eos": True}
+    )
+    assert shaped.choices[0].finish_reason == "length" and shaped.usage.completion_tokens == 40
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), schema)

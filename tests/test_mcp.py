@@ -4,6 +4,7 @@ and over stdio against `mlx-manager mcp` (with and without a server running)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
@@ -16,8 +17,12 @@ import httpx
 import openai
 import psutil
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client, ClientSession, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp.types import METHOD_NOT_FOUND
 
+from tests.agent_model import ASK_THINK, THOUGHT
 from tests.conftest import Models
 from tests.server import ROOT, Server, free_port, start_server
 
@@ -353,7 +358,71 @@ def test_model_info_hints(url: str, server: Server, models: Models, tmp_path: Pa
     config |= {"quantization": {"bits": 4, "group_size": 64}, "vision_config": {}}
     (folder / "config.json").write_text(json.dumps(config))
     info = call(url, "model_info", model=str(folder))  # an absolute path is a model name too
-    assert (info["tool_calling"], info["reasoning"], info["multimodal"]) == (True, True, True)
+    # A template that mentions <think> is not enough: reasoning is split at think markers in
+    # the vocabulary (test_model_info_reasoning_is_what_the_worker_does), and tiny-a has none.
+    assert (info["tool_calling"], info["reasoning"], info["multimodal"]) == (True, False, True)
     assert info["quantization"] == {"bits": 4, "group_size": 64}
     plain = call(url, "model_info", model="tiny-a")
     assert (plain["tool_calling"], plain["reasoning"], plain["multimodal"]) == (False,) * 3
+
+
+def test_model_info_reasoning_is_what_the_worker_does(url: str, client: openai.OpenAI) -> None:
+    """model_info's `reasoning` and the worker's splitting of reasoning come from one
+    function (gateway.hub.think_markers): a model that says it reasons has its thinking in
+    reasoning_content, and one that says it does not, never."""
+    assert call(url, "model_info", model="tiny-agent")["reasoning"] is True
+    think = client.chat.completions.create(
+        model="tiny-agent", messages=ASK_THINK, temperature=0, max_tokens=40
+    )
+    assert think.choices[0].message.model_extra["reasoning_content"] == THOUGHT
+    assert call(url, "model_info", model="tiny-a")["reasoning"] is False
+    plain = client.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=4)
+    assert "reasoning_content" not in (plain.choices[0].message.model_extra or {})
+
+
+def test_server_info_descriptions_and_no_prompts(url: str) -> None:
+    async def work(c: Client) -> Any:
+        tools = (await c.list_tools()).tools
+        with pytest.raises(MCPError) as e:
+            await c.get_prompt("nope")
+        return c.server_info, c.server_capabilities, tools, e.value.error
+
+    info, capabilities, tools, prompt_error = session(url, work)
+    assert info.name == "mlx-manager" and info.version == version("mlx-manager")
+    for t in tools:  # the docstrings' source indentation is gone
+        assert t.description == inspect.cleandoc(t.description), t.name
+        assert not any(line[:1].isspace() for line in t.description.splitlines()), t.name
+    # No prompts: none advertised, and asking for one is "method not found", not a crash.
+    assert capabilities.prompts is None
+    assert prompt_error.code == METHOD_NOT_FOUND
+
+
+def test_clients_leave_no_tracebacks_or_failed_streams(models: Models, tmp_path: Path) -> None:
+    """A session over the SDK's streamable HTTP transport that asks for an unknown prompt,
+    then goes away without ending its session (as a client that quits does): its GET /mcp
+    stream ends with the client, which is normal, so it is logged at debug level, not as a
+    499; and the unknown prompt leaves no traceback."""
+    home = tmp_path / "home"
+    server = start_server(home, models.env(home, log_level="debug"))
+    try:
+
+        async def main() -> None:
+            transport = streamable_http_client(server.url + "/mcp", terminate_on_close=False)
+            async with transport as (read, write, *_), ClientSession(read, write) as s:
+                init = await s.initialize()
+                assert init.capabilities.prompts is None
+                assert init.server_info.version == version("mlx-manager")
+                with pytest.raises(MCPError) as e:
+                    await s.get_prompt("nope")
+                assert e.value.error.code == METHOD_NOT_FOUND
+
+        asyncio.run(main())
+        log = home / "logs" / "mlx-manager.log"
+        line = server.wait_for(
+            lambda: next((x for x in log.read_text().splitlines() if "GET path=/mcp" in x), None),
+            what="the GET /mcp stream's log line",
+        )
+        assert " DEBUG mlx_manager.access: " in line, line
+        assert "Traceback" not in log.read_text()
+    finally:
+        server.stop()
