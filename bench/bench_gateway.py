@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model_builder import BENCH_SPEC, ModelSpec, build_model  # noqa: E402
+from gateway.catalog.builder import BENCH_SPEC, ModelSpec, build_model  # noqa: E402
 from tests.server import Server, start_server  # noqa: E402
 
 SPECS = {"tiny-1m": ModelSpec(), "bench-20m": BENCH_SPEC}

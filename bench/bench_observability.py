@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 
 from config.settings import load_settings  # noqa: E402
-from gateway.model_builder import EOS_TOKEN_ID, ModelSpec, build_model  # noqa: E402
+from gateway.catalog.builder import EOS_TOKEN_ID, ModelSpec, build_model  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -60,17 +60,17 @@ def stream_rates(http: httpx.Client, url: str, n: int, tokens: int) -> list[floa
 
 def in_process(root: Path, n: int) -> tuple[float, float]:
     """(CPU µs to finish one record on the request's thread, rows/s the writer stores)."""
-    from gateway.backend import LocalBackend
-    from gateway.logs import TextFormatter
-    from gateway.requestlog import RequestRecord
-    from gateway.service import Service
+    from gateway.observe.logs import TextFormatter
+    from gateway.observe.requestlog import RequestRecord
+    from gateway.service.local import LocalBackend
+    from gateway.service.service import Service
 
     home = root / "inproc"
     settings = load_settings(
         environ={"MLX_MANAGER_HOME": str(home), "MLX_MANAGER_MODEL_DIRS": str(root / "models")}
     )
     home.mkdir(parents=True)
-    # As the server logs (gateway/logs.py: a queue, a thread writing), minus the terminal.
+    # As the server logs (gateway/observe/logs.py: a queue, a thread writing), minus the terminal.
     handler = logging.FileHandler(home / "bench.log")
     handler.setFormatter(TextFormatter())
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()

@@ -1,6 +1,6 @@
-"""The worker pipe's own cost (gateway/pipe.py), against multiprocessing's Connection measured in
-the same run (what the gateway used before; it needs a blocking socket, so it is the floor the
-non-blocking pipe is held to).
+"""The worker pipe's own cost (gateway/engine/pipe.py), against multiprocessing's Connection
+measured in the same run (what the gateway used before; it needs a blocking socket, so it is
+the floor the non-blocking pipe is held to).
 
 - small: decode-step messages (one token event each) from a worker thread to the event loop:
   messages per second, LoopPipe on the loop vs Connection.poll/recv on the loop;
@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.pipe import LoopPipe, WorkerPipe  # noqa: E402
+from gateway.engine.pipe import LoopPipe, WorkerPipe  # noqa: E402
 
 STEP = [("d", "r1", "token", None)]
 

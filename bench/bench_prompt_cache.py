@@ -21,7 +21,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model_builder import _WORDS, BENCH_SPEC, build_model  # noqa: E402
+from gateway.catalog.builder import _WORDS, BENCH_SPEC, build_model  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model_builder import BENCH_SPEC, build_model  # noqa: E402
+from gateway.catalog.builder import BENCH_SPEC, build_model  # noqa: E402
 from tests.server import Server, start_server  # noqa: E402
 
 MODELS = ["swap-a", "swap-b", "swap-c"]

@@ -35,7 +35,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model_builder import ModelSpec, build_model  # noqa: E402
+from gateway.catalog.builder import ModelSpec, build_model  # noqa: E402
 from tests.server import Server, start_server  # noqa: E402
 
 MODELS = ["soak-a", "soak-b", "soak-c"]

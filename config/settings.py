@@ -47,7 +47,7 @@ class Settings:
     # Decode batch size of each worker's BatchGenerator (continuous batching width).
     batch_size: int = 32
     log_level: str = "info"
-    # Lifecycle (gateway/pool.py).
+    # Lifecycle (gateway/engine/pool.py).
     max_loaded_models: int | None = None  # None: no count limit
     memory_budget: str = "75%"  # bytes, a size ("12GB") or a percent of system memory
     idle_ttl: float = 1800.0  # seconds a model stays loaded after its last request; 0: forever
@@ -58,27 +58,27 @@ class Settings:
     allow_any_path: bool = False
     hf_organization: str = ""  # default author filter of model search; empty: all
     warm_spare: bool = True  # keep one worker process with MLX imported, for fast cold loads
-    # Access (gateway/keys.py). A key here works like one made by `mlx-manager keys create`.
+    # Access (gateway/service/keys.py). A key here works like one made by `mlx-manager keys create`.
     api_key: str = field(default="", repr=False)
     insecure_no_auth: bool = False  # allow a non-loopback bind with no API key
-    # Web pages (gateway/origins.py). Beyond the bound address's own names: more Host names
+    # Web pages (gateway/http/origins.py). Beyond the bound address's own names: more Host names
     # ("name", "name:port", "name:*"; "*": any) and origins of other web apps that may call
     # this server ("scheme://host[:port]", "scheme://host:*"; "*": any page at all).
     allowed_hosts: list[str] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
-    # Request limits (gateway/limits.py): each violation is a 4xx naming the limit.
+    # Request limits (gateway/service/limits.py): each violation is a 4xx naming the limit.
     max_body_bytes: str = "16MiB"
     max_tokens_limit: int = 32768  # the largest max_tokens a request may ask for
     max_messages: int = 2048
     max_prompt_chars: int = 2_000_000  # per prompt, all messages together
     max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
-    # Slow clients (gateway/connections.py): seconds a request's headers, then its body, may
+    # Slow clients (gateway/http/connections.py): seconds a request's headers, then its body, may
     # take to arrive (0: no limit), and connections open at once (0: no limit).
     request_read_timeout: float = 30.0
     max_connections: int = 512
     # KV caches kept per loaded model for reuse by later prompts with the same beginning.
     prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
-    # Observability (gateway/requestlog.py, gateway/logs.py).
+    # Observability (gateway/observe/requestlog.py, gateway/observe/logs.py).
     log_retention: str = "30d,1000000"  # request log rows kept: an age, a row count, or both
     log_content: bool = False  # also store prompts and completions in the request log
     log_format: str = "text"  # server log lines: "text" (key=value fields) or "json"

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings, SettingsError, load_settings
+from gateway.catalog.local import scan_local_models
 from gateway.errors import ServiceError
-from gateway.hub import scan_local_models
-from gateway.keys import check_bind
-from gateway.logs import setup_logging
-from gateway.service import Service, connect
+from gateway.observe.logs import setup_logging
+from gateway.service.keys import check_bind
+from gateway.service.service import Service, connect
 
 DEMO_MODEL = "demo-random"
 
@@ -27,7 +27,7 @@ def ensure_demo_model(settings: Settings) -> str | None:
     answer with. Returns its name when one was built or already present alone."""
     if scan_local_models(settings.hf_cache, settings.all_model_dirs()):
         return None
-    from gateway.model_builder import build_model
+    from gateway.catalog.builder import build_model
 
     path = settings.own_models_dir / DEMO_MODEL
     print(
@@ -43,8 +43,9 @@ def ensure_demo_model(settings: Settings) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.connections import http_protocol
+    from gateway.http.app import create_app
+    from gateway.http.connections import http_protocol
+    from mcp_tools.server import build_mcp
 
     settings = load_settings(
         {
@@ -71,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         uvicorn.run(
-            create_app(settings, service),
+            create_app(settings, service, build_mcp(service)),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,

@@ -15,10 +15,10 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
+from gateway.catalog.profiles import FIELDS, Profile
 from gateway.errors import ServiceError
 from gateway.fields import Temperature, Tokens
-from gateway.profiles import FIELDS, Profile
-from gateway.service import Service
+from gateway.service.service import Service
 
 PROFILE_FIELDS = {"name", *FIELDS}
 
@@ -90,7 +90,7 @@ def _profile_fields(partial: bool) -> Callable[[F], F]:
 
 
 def _key_name(ctx: Context) -> str | None:
-    """The API key an HTTP MCP session authenticated with (gateway/middleware.py); None
+    """The API key an HTTP MCP session authenticated with (gateway/http/middleware.py); None
     over stdio."""
     try:
         request = ctx.request_context.request

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.model_builder import EOS_TOKEN_ID, ModelSpec, build_model
+from gateway.catalog.builder import EOS_TOKEN_ID, ModelSpec, build_model
 
 AGENT_TEMPLATE = (
     "{%- if tools %}<|system|>\nTools:{% for tool in tools %} {{ tool.function.name }}"
@@ -90,8 +90,8 @@ SCENARIOS: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]] =
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as the gateway hands them to a chat template (gateway/schemas.py)."""
-    from gateway.schemas import Message
+    """Messages as the gateway hands them to a chat template (gateway/http/schemas.py)."""
+    from gateway.http.schemas import Message
 
     return [Message.model_validate(m).as_template_message() for m in messages]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model_builder import EOS_TOKEN_ID, ModelSpec, build_model
+from gateway.catalog.builder import EOS_TOKEN_ID, ModelSpec, build_model
 from tests.agent_model import build_agent_model
 from tests.server import Server, start_server
 

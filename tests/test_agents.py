@@ -314,7 +314,7 @@ def test_recursive_refs_compile_and_hold(tokenizer_of: Any) -> None:
     import llguidance.hf
     from llguidance import LLMatcher
 
-    from gateway.grammar import tool_call_grammar
+    from gateway.engine.grammar import tool_call_grammar
 
     tok = tokenizer_of(AGENT)
     lltok = llguidance.hf.from_tokenizer(tok._tokenizer, eos_token=list(tok.eos_token_ids))
@@ -364,9 +364,9 @@ def test_a_failing_call_grammar_ends_the_request_with_an_error(models: Models) -
     from llguidance import LLMatcher
     from mlx_lm import load
 
-    from gateway.protocol import Event, Failed, Started
-    from gateway.request import GenerationRequest
-    from gateway.worker import Engine
+    from gateway.engine.protocol import Event, Failed, Started
+    from gateway.engine.request import GenerationRequest
+    from gateway.engine.worker import Engine
 
     model, tok = load(str(models.path(AGENT)))
     # submit() and step() only fill the event list: no pipe to the gateway is needed.

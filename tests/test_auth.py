@@ -23,7 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from config.settings import load_settings
 from config.store import Store
-from gateway.keys import ApiKeys, is_loopback
+from gateway.service.keys import ApiKeys, is_loopback
 from tests.conftest import Models
 from tests.raw_http import exchange
 from tests.server import ROOT, Server, free_port, start_server

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway.channels import ChannelSplitter, Markers
+from gateway.engine.channels import ChannelSplitter, Markers
 
 MARKERS = Markers(think=("<think>", "</think>"), tool=("<tool_call>", "</tool_call>"))
 

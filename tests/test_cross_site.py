@@ -240,7 +240,7 @@ def test_any_origin_and_more_hosts_when_set(models: Models, tmp_path: Any) -> No
 
 
 def test_default_hosts_follow_the_bound_address(tmp_path: Any) -> None:
-    from gateway.origins import host_policy
+    from gateway.http.origins import host_policy
 
     def policy(host: str = "127.0.0.1", **env: str) -> Any:
         environ = {"MLX_MANAGER_HOME": str(tmp_path), **env}

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from config.store import Store
-from gateway.profiles import Profile
+from gateway.catalog.profiles import Profile
 from tests.conftest import Models
 from tests.fake_hub import FakeHub, repo_from_folder
 from tests.test_hub import serve

@@ -322,6 +322,6 @@ def test_disk_full_is_reported(models: Models, hub: FakeHub, tmp_path: Path) -> 
     ],
 )
 def test_size_estimate_from_the_name(repo: str, size: int | None) -> None:
-    from gateway.downloads import estimate_size
+    from gateway.catalog.hub import estimate_size
 
     assert estimate_size(repo) == size

@@ -180,8 +180,8 @@ def test_deeply_nested_response_format_schema_is_refused(srv: Server) -> None:
 def test_grammar_refuses_schemas_too_deep_to_compile() -> None:
     """The gateway's own depth limit comes first over HTTP; the grammar still turns a schema
     it cannot walk into a 400 rather than a RecursionError."""
+    from gateway.engine.grammar import grammar_for
     from gateway.errors import InvalidRequest
-    from gateway.grammar import grammar_for
 
     schema: dict[str, Any] = {"type": "string"}
     for _ in range(900):

@@ -99,7 +99,7 @@ class Watch:
         me = psutil.Process(self.server.proc.pid)
         while not self._stop.is_set():
             self.max_loaded = max(self.max_loaded, len(loaded(self.server)))
-            workers = [p for p in me.children() if "gateway.worker" in " ".join(p.cmdline())]
+            workers = [p for p in me.children() if "gateway.engine.worker" in " ".join(p.cmdline())]
             self.max_processes = max(self.max_processes, len(workers))
 
     def __enter__(self) -> Watch:
@@ -395,7 +395,7 @@ def test_no_worker_outlives_the_gateway(models: Models, tmp_path: Path, sig: int
         for model in ("tiny-a", "tiny-b"):
             ask(server, model)
         me = psutil.Process(server.proc.pid)
-        children = [p for p in me.children() if "gateway.worker" in " ".join(p.cmdline())]
+        children = [p for p in me.children() if "gateway.engine.worker" in " ".join(p.cmdline())]
         assert len(children) == 3  # two models and the warm spare
         server.proc.send_signal(sig)
         server.proc.wait(30)

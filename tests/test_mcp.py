@@ -340,7 +340,7 @@ def test_stdio_uses_the_running_server(models: Models, tmp_path: Path) -> None:
         me = [
             p
             for p in psutil.Process(server.proc.pid).children()
-            if "gateway.worker" in " ".join(p.cmdline())
+            if "gateway.engine.worker" in " ".join(p.cmdline())
         ]
         assert w["pid"] in {p.pid for p in me}
     finally:

@@ -19,7 +19,7 @@ from mcp import Client
 from config.settings import Settings, load_settings
 from config.store import Store
 from gateway import errors
-from gateway.catalog import Catalog
+from gateway.catalog.names import Catalog
 from tests.conftest import HF_MODEL, Models
 from tests.server import Server, start_server
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import load_settings
 from config.store import Store
-from gateway.requestlog import RequestLog, RequestRecord
+from gateway.observe.requestlog import RequestLog, RequestRecord
 from tests.conftest import NO_EOS, Models
 from tests.server import ROOT, Server, free_port, start_server
 from tests.test_cli import as_json, cli
@@ -364,7 +364,7 @@ def test_crashed_worker_traceback_through_mcp_and_cli(srv: Server) -> None:
     assert found["model"] == "tiny-d" and found["file"].endswith("tiny-d.log")
     assert f"loading {srv.env['MLX_MANAGER_MODEL_DIRS']}/tiny-d (pid {pid})" in text
     assert "Fatal Python error: Segmentation fault" in text
-    assert 'gateway/worker.py", line' in text  # the Python traceback of the crashed worker
+    assert 'gateway/engine/worker.py", line' in text  # the Python traceback of the crashed worker
     assert (
         f"worker pid {pid} failed: the worker process exited unexpectedly (killed by SIGSEGV)"
         in text

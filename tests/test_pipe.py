@@ -1,5 +1,6 @@
-"""The worker pipe (gateway/pipe.py) on a real socket pair: frames of any size arrive whole and
-in order, however the bytes are chunked, and a message that cannot be encoded fails alone."""
+"""The worker pipe (gateway/engine/pipe.py) on a real socket pair: frames of any size arrive
+whole and in order, however the bytes are chunked, and a message that cannot be encoded fails
+alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.pipe import FrameReader, LoopPipe, WorkerPipe, encode
+from gateway.engine.pipe import FrameReader, LoopPipe, WorkerPipe, encode
 
 
 def test_frames_reassemble_from_any_chunking() -> None:

@@ -1,4 +1,5 @@
-"""The project's own promises: README's test command is what CI runs, and the code is ruff clean."""
+"""The project's own promises: README's test command is what CI runs, the code is ruff clean,
+its layers import only downwards (import-linter) and its types check (mypy)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,29 @@ def test_ruff_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_layers_import_only_downwards() -> None:
+    """The contracts in pyproject.toml's [tool.importlinter]: faces -> service -> engine ->
+    observability | catalogue -> shared values -> config, and faces never reach the pool,
+    the worker or the database but through the service."""
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_types_check() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "gateway", "mcp_tools", "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_runtime_imports_are_declared_dependencies() -> None:
     """What gateway/, config/ and mcp_tools/ import must be installed by `pip install -e .`
     alone: a module only the test extra brings would break README's serve command."""
@@ -39,7 +63,7 @@ def test_runtime_imports_are_declared_dependencies() -> None:
     dists = packages_distributions()
     missing = {}
     for package in own:
-        for path in (ROOT / package).glob("*.py"):
+        for path in (ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = []
                 if isinstance(node, ast.Import):

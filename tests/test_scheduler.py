@@ -22,12 +22,12 @@ from prometheus_client import generate_latest
 from config.settings import Settings
 from config.store import Store
 from gateway import errors
-from gateway.catalog import Catalog
-from gateway.handle import Sink
-from gateway.hub import LocalModel
-from gateway.pool import EVICTED, IDLE, ModelPool, Slot, Worker
-from gateway.protocol import Failed, Finished, Started, Text
-from gateway.request import GenerationRequest
+from gateway.catalog.local import LocalModel
+from gateway.catalog.names import Catalog
+from gateway.engine.handle import Sink
+from gateway.engine.pool import EVICTED, IDLE, ModelPool, Slot, Worker
+from gateway.engine.protocol import Failed, Finished, Started, Text
+from gateway.engine.request import GenerationRequest
 
 # Weights in bytes. The budget is 1000: two 400s fit, three do not; "huge" never fits alone;
 # "p600" pinned leaves room for one 400 but not for "x500".

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway import errors
-from gateway.protocol import (
+from gateway.engine.protocol import (
     Event,
     Failed,
     Finished,
@@ -20,7 +19,8 @@ from gateway.protocol import (
     ToolCallArgs,
     ToolCallStart,
 )
-from gateway.request import Choice, GenerationRequest
+from gateway.engine.request import Choice, GenerationRequest
+from gateway.observe.usage import Usage
 
 
 class Worker(Protocol):
@@ -31,24 +31,8 @@ class Worker(Protocol):
     def cancel(self, rid: str) -> None: ...
 
 
-@dataclass
-class Usage:
-    """What one request cost. A prompt counts once however many choices it has."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # of prompt_tokens, reused from the prompt cache
-    reasoning_tokens: int = 0  # of completion_tokens
-    first_token: float | None = None  # perf_counter when the first output arrived
-    finish_reasons: list[str] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
 class Generation:
-    """The choices of one request. Iterating yields their events (gateway/protocol.py) with
+    """The choices of one request. Iterating yields their events (gateway/engine/protocol.py) with
     `seq` set to the choice's index; a worker failure mid-stream raises the matching
     ServiceError. `usage` is exact once the iteration ends; `on_close` hears it exactly once,
     whether the stream finished, failed or was abandoned."""

@@ -15,7 +15,7 @@ Requests hold a lease on a ready slot while they run. The pool:
 - never evicts or expires pinned models;
 - reaps workers that die: their requests fail with 503, the next request loads a fresh worker.
 
-Workers come from a factory (by default real processes, gateway/handle.py's ProcessWorkers), and
+Workers come from a factory (by default real processes, handle.py's ProcessWorkers), and
 the pool uses them only through the Worker protocol below: its scheduling is unit-tested with a
 fake worker (tests/test_scheduler.py).
 """
@@ -34,13 +34,13 @@ import psutil
 
 from config.settings import Settings
 from gateway import errors
-from gateway.catalog import Catalog, Resolved
-from gateway.handle import ProcessWorkers, Sink
-from gateway.hub import LocalModel
-from gateway.logs import worker_log_path
-from gateway.metrics import Metrics
-from gateway.request import GenerationRequest
-from gateway.stream import Generation
+from gateway.catalog.local import LocalModel
+from gateway.catalog.names import Catalog, Resolved
+from gateway.engine.handle import ProcessWorkers, Sink
+from gateway.engine.request import GenerationRequest
+from gateway.engine.stream import Generation
+from gateway.observe.logs import worker_log_path
+from gateway.observe.metrics import Metrics
 
 log = logging.getLogger("mlx_manager.pool")
 
@@ -53,10 +53,10 @@ IDLE = "idle for"
 
 
 class Worker(Protocol):
-    """What the pool needs of a worker: gateway/handle.py's WorkerHandle, or a test's fake.
+    """What the pool needs of a worker: gateway/engine/handle.py's WorkerHandle, or a test's fake.
 
     Its state goes loading -> ready -> stopped, or failed. Events of each submitted request go
-    to its sink as gateway/protocol.py's events, ending with Finished or Failed. When it dies
+    to its sink as gateway/engine/protocol.py's events, ending with Finished or Failed. When it dies
     or hangs on its own (not when stopped), it fails what it runs with ModelUnavailable, sets
     `state` "failed" (and `stalled` for a hang) and calls the on_exit its factory was given
     (while loading too: start() then raises).
@@ -200,7 +200,7 @@ class ModelPool:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics or Metrics()
-        self.metrics.watch(self)
+        self.metrics.watch(self.snapshot)
         self.slots: dict[str, Slot] = {}
         self.budget = settings.memory_budget_bytes(psutil.virtual_memory().total)
         self.default_ttl = settings.idle_ttl or None  # 0 disables the idle TTL
@@ -658,6 +658,15 @@ class ModelPool:
             "tokens_per_second": round(handle.tokens_per_second, 1) if handle else 0.0,
             "context_length": handle.info.get("context_length") if handle else None,
             "error": slot.error,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every model's status (unloaded ones too), the budget and what is used of it: what
+        the metrics read at each scrape."""
+        return {
+            "models": [self.slot_status(s) for s in list(self.slots.values())],
+            "memory_budget_bytes": self.budget,
+            "memory_used_bytes": self.memory_used(),
         }
 
     def status(self) -> list[dict[str, Any]]:

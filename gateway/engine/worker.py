@@ -1,7 +1,7 @@
 """The code that runs inside one worker process (spawned, never forked): it owns all MLX state
 for one model and drives mlx-lm's BatchGenerator, admitting new requests between decode steps.
 
-Protocol: see gateway/protocol.py. Everything MLX happens on this process's main thread.
+Protocol: see gateway/engine/protocol.py. Everything MLX happens on this process's main thread.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.channels import ChannelSplitter, Markers
-from gateway.hub import context_length_of, think_markers
-from gateway.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
-from gateway.pipe import WorkerPipe
-from gateway.protocol import (
+from gateway.catalog.local import context_length_of, think_markers
+from gateway.engine.channels import ChannelSplitter, Markers
+from gateway.engine.pipe import WorkerPipe
+from gateway.engine.protocol import (
     Activity,
     Cancel,
     Event,
@@ -45,6 +44,7 @@ from gateway.protocol import (
     ToolCallStart,
     Warm,
 )
+from gateway.observe.logs import WORKER_LOG_BYTES, WorkerLogHandler, redirect_output
 
 log = logging.getLogger("mlx_manager.worker")
 
@@ -325,7 +325,7 @@ class Engine:
 
     def _call_grammar(self, grammar: str, markers: Any, fault: list[str]) -> Callable[..., Any]:
         """A lazy grammar for JSON tool calls: free text until the model writes the call
-        marker, then only what `grammar` allows (gateway/grammar.py: a real tool's name and
+        marker, then only what `grammar` allows (gateway/engine/grammar.py: a real tool's name and
         arguments) and the end marker. Calls are then always well-formed, so their arguments
         can stream. A matcher that fails says why in `fault` (the request ends with an
         error) rather than let a call be decoded freely."""
@@ -712,11 +712,11 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gateway.worker --fd N`: started by the gateway, never by hand.
+    """`python -m gateway.engine.worker --fd N`: started by the gateway, never by hand.
 
     It imports MLX and mlx-lm first (over a second of a model's cold start), says "warm", then
     waits for ("load", path, options): the gateway keeps one such process ready in advance."""
-    parser = argparse.ArgumentParser(prog="python -m gateway.worker")
+    parser = argparse.ArgumentParser(prog="python -m gateway.engine.worker")
     parser.add_argument("--fd", type=int, required=True, help="socket inherited from the gateway")
     args = parser.parse_args(argv)
     conn = WorkerPipe(args.fd)

@@ -16,14 +16,11 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from config.settings import Settings
 from config.store import DatabaseFull, Store, timestamp
-
-if TYPE_CHECKING:
-    from gateway.catalog import Resolved
-    from gateway.stream import Usage
+from gateway.observe.usage import Usage
 
 log = logging.getLogger("mlx_manager")
 
@@ -75,10 +72,9 @@ class RequestRecord:
     prompt: str | None = None  # only with log_content
     completion: str | None = None
 
-    def resolved(self, resolved: Resolved) -> None:
-        self.model_id = resolved.model.id
-        if resolved.profile is not None:
-            self.profile = resolved.profile["name"]
+    def resolved(self, model_id: str, profile: str | None) -> None:
+        """The model the request's name resolved to, and the profile it went through."""
+        self.model_id, self.profile = model_id, profile
 
     def generated(self, usage: Usage) -> None:
         """Take the token counts and timing of a generation (finished or cut off)."""

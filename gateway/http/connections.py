@@ -7,7 +7,7 @@ such clients would shut everyone else out. Headers are also capped in size, whic
 parser does not do (uvicorn's `h11_max_incomplete_event_size` is for h11 only).
 
 Once the headers are in, the ASGI app runs and the body has its own deadline, answered with a
-408 (gateway/middleware.py BodyDeadlineMiddleware)."""
+408 (gateway/http/middleware.py BodyDeadlineMiddleware)."""
 
 from __future__ import annotations
 

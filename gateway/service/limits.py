@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from config.settings import Settings
+from gateway.engine.request import GenerationRequest
 from gateway.errors import InvalidRequest
-from gateway.request import GenerationRequest
 
 
 def check(request: GenerationRequest, settings: Settings) -> None:

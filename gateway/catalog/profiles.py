@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.catalog import Catalog
+from gateway.catalog.names import Catalog
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.fields import (
     MAX_ALIASES,

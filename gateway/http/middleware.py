@@ -24,9 +24,9 @@ from gateway.errors import (
     ServiceError,
     Unauthorized,
 )
-from gateway.keys import ApiKeys
-from gateway.origins import HostPolicy
-from gateway.requestlog import RequestRecord, new_request_id
+from gateway.http.origins import HostPolicy
+from gateway.observe.requestlog import RequestRecord, new_request_id
+from gateway.service.keys import ApiKeys
 
 log = logging.getLogger("mlx_manager")
 
@@ -241,7 +241,7 @@ class BodyDeadlineMiddleware:
     """A request's body must arrive within `seconds` of its headers, or it gets 408 and the
     connection closes: a client that announces a body and then trickles it, or stops, would
     otherwise hold its connection and a handler for ever. (The headers' own deadline is in
-    gateway/connections.py; uvicorn has neither.)"""
+    gateway/http/connections.py; uvicorn has neither.)"""
 
     def __init__(self, app: ASGIApp, seconds: float) -> None:
         self.app = app

@@ -1,87 +1,35 @@
-"""What the service needs of whoever owns the workers and the downloads: the pool in this process
-(`LocalBackend`), or a running server over HTTP (gateway/remote.py). The service takes one and
-does not ask which; every answer comes from the place that owns the state."""
+"""The backend of a service that owns its workers: the pool, the downloads, the metrics and the
+request log writer of this process (`mlx-manager serve`, or a client with no server to talk
+to)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any
 
 from config.settings import Settings
 from config.store import Store
-from gateway import limits, logs
-from gateway.catalog import Catalog
-from gateway.downloads import DownloadProgress, Downloads
-from gateway.metrics import Metrics
-from gateway.pool import ModelPool
-from gateway.protocol import Output
-from gateway.request import Choice, GenerateRequest
-from gateway.requestlog import (
+from gateway.catalog.hub import DownloadProgress, Downloads
+from gateway.catalog.names import Catalog
+from gateway.engine.pool import ModelPool
+from gateway.engine.request import GenerateRequest
+from gateway.engine.stream import Generation
+from gateway.observe import logs
+from gateway.observe.metrics import Metrics
+from gateway.observe.requestlog import (
     CANCELLED,
     GENERATION_ENDPOINTS,
     RequestLog,
     RequestRecord,
     content_of,
 )
-from gateway.stream import Generation, Usage
+from gateway.service import limits
 
 # Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
 QUIET_PATHS = frozenset({"/health", "/metrics"})
 access_log = logging.getLogger(logs.ACCESS)
-
-
-class Stream(Protocol):
-    """A generation in progress, local or remote: its events, then its usage."""
-
-    def __aiter__(self) -> AsyncIterator[Output]: ...
-
-    async def collect(self) -> list[Choice]: ...
-
-    @property
-    def usage(self) -> Usage: ...
-
-    def close(self) -> None: ...
-
-
-class Backend(Protocol):
-    async def start(self, pinned: list[str]) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def generate(self, request: GenerateRequest, record: RequestRecord) -> Stream: ...
-
-    def finish(self, record: RequestRecord) -> None: ...
-
-    async def flush_requests(self) -> None:
-        """Wait until the request log rows of requests already finished are written."""
-        ...
-
-    async def metrics(self) -> str:
-        """The Prometheus exposition of whoever serves the requests."""
-        ...
-
-    async def workers(self) -> dict[str, Any]:
-        """{"data": per-model status, "memory_budget_bytes", "memory_used_bytes",
-        "memory_estimate_factor", "spare"}: GET /admin/workers' body."""
-        ...
-
-    async def load(self, name: str) -> dict[str, Any]: ...
-
-    async def unload(self, name: str, force: bool = False) -> dict[str, Any]: ...
-
-    async def start_download(self, repo: str) -> dict[str, Any]: ...
-
-    async def wait_download(
-        self, job: dict[str, Any], progress: DownloadProgress | None
-    ) -> dict[str, Any]: ...
-
-    async def downloads(self) -> list[dict[str, Any]]: ...
-
-    async def download(self, job_id: str) -> dict[str, Any]: ...
-
-    async def cancel_download(self, job_id: str) -> dict[str, Any]: ...
 
 
 class LocalBackend:
@@ -129,7 +77,9 @@ class LocalBackend:
         for choice in request.choices:
             limits.check(choice, settings)
         resolved = self.pool.resolve(request.model)
-        record.resolved(resolved)
+        record.resolved(
+            resolved.model.id, resolved.profile["name"] if resolved.profile is not None else None
+        )
         choices = [
             limits.capped(c.with_defaults(resolved.profile, settings.default_max_tokens), settings)
             for c in request.choices

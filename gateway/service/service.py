@@ -3,7 +3,7 @@ HTTP routes, the MCP tools and the CLI are thin faces over a Service.
 
 A Service takes a backend for what workers and downloads do: the pool in this process (inside
 `mlx-manager serve`, or `mlx-manager mcp` when no server runs) or a running server over HTTP
-(gateway/backend.py, gateway/remote.py), and does not ask which. Profiles, keys and the request
+(backend.py, remote.py), and does not ask which. Profiles, keys and the request
 log live in the shared database and are read here in both cases.
 """
 
@@ -25,16 +25,18 @@ import psutil
 from config.files import private_dir
 from config.settings import Settings, parse_duration
 from config.store import DatabaseFull, Store, timestamp
-from gateway import errors, logs
-from gateway.backend import Backend, LocalBackend, Stream
-from gateway.catalog import Catalog
-from gateway.downloads import DownloadProgress, delete_from_cache, search
-from gateway.hub import inspect_model
-from gateway.keys import ApiKeys
-from gateway.profiles import Profiles
-from gateway.remote import RemoteBackend
-from gateway.request import GenerateRequest, GenerationRequest
-from gateway.requestlog import RequestRecord
+from gateway import errors
+from gateway.catalog.hub import DownloadProgress, delete_from_cache, search
+from gateway.catalog.local import inspect_model
+from gateway.catalog.names import Catalog
+from gateway.catalog.profiles import Profiles
+from gateway.engine.request import GenerateRequest, GenerationRequest
+from gateway.observe import logs
+from gateway.observe.requestlog import RequestRecord
+from gateway.service.backend import Backend, Stream
+from gateway.service.keys import ApiKeys
+from gateway.service.local import LocalBackend
+from gateway.service.remote import RemoteBackend
 
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
@@ -363,7 +365,7 @@ class Service:
 
     async def generate(self, request: GenerateRequest, record: RequestRecord) -> Stream:
         """The one generation path of every face: resolve the name, apply the profile and the
-        limits, wait for a worker and start. The stream yields typed events (gateway/protocol.py)
+        limits, wait for a worker and start. The stream yields typed events (engine/protocol.py)
         and then its usage; `record` is filled once, by whoever serves it."""
         return await self.backend.generate(request, record)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 
 ERROR = {
     "type": "object",

@@ -18,11 +18,9 @@ from typing import Any
 import psutil
 
 from config.settings import Settings
-from gateway import logs
-from gateway.errors import InvalidRequest, ModelUnavailable
-from gateway.hub import LocalModel
-from gateway.pipe import LoopPipe
-from gateway.protocol import (
+from gateway.catalog.local import LocalModel
+from gateway.engine.pipe import LoopPipe
+from gateway.engine.protocol import (
     Activity,
     Cancel,
     Event,
@@ -36,6 +34,8 @@ from gateway.protocol import (
     Stop,
     Warm,
 )
+from gateway.errors import InvalidRequest, ModelUnavailable
+from gateway.observe import logs
 
 log = logging.getLogger("mlx_manager.worker")
 _rids = itertools.count()
@@ -46,11 +46,11 @@ class WorkerProcess:
     """A started worker process that has no model yet: it imports MLX, then waits."""
 
     def __init__(self) -> None:
-        # A fresh interpreter running `-m gateway.worker` (not multiprocessing's spawn, which
+        # A fresh interpreter running `-m gateway.engine.worker` (not multiprocessing's spawn, which
         # re-imports the parent's __main__ in the child).
         ours, theirs = socket.socketpair()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gateway.worker", "--fd", str(theirs.fileno())],
+            [sys.executable, "-m", "gateway.engine.worker", "--fd", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             # stdout is the protocol channel of `mlx-manager mcp`: a worker writes only to stderr.

@@ -1,5 +1,5 @@
 """Which Host and Origin headers the server answers: one definition for the HTTP gate on every
-route (gateway/middleware.py), the CORS answers to allowed web apps, and the MCP transport's own
+route (middleware.py), the CORS answers to allowed web apps, and the MCP transport's own
 DNS-rebinding protection.
 
 A web page can reach a local server in two ways that an API key-less server must refuse: a
@@ -23,7 +23,7 @@ import psutil
 from mcp.server.transport_security import TransportSecuritySettings
 
 from config.settings import Settings
-from gateway.keys import is_loopback
+from gateway.service.keys import is_loopback
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")

@@ -7,8 +7,8 @@ Prometheus scrapes, so it is never stale and costs nothing between scrapes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 from prometheus_client import (
@@ -22,11 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from gateway import logs
-from gateway.requestlog import RequestLog, RequestRecord
-
-if TYPE_CHECKING:
-    from gateway.pool import ModelPool
+from gateway.observe import logs
+from gateway.observe.requestlog import RequestLog, RequestRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # `*_created` series (a timestamp per labelled series) double the output and no dashboard
@@ -123,9 +120,9 @@ class Metrics:
 
         self._series: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
-    def watch(self, pool: ModelPool) -> None:
-        """Read the pool's state at each scrape."""
-        self.registry.register(PoolCollector(pool))
+    def watch(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Read the pool's state at each scrape, from `status` (ModelPool.snapshot)."""
+        self.registry.register(PoolCollector(status))
 
     def watch_dropped(self, request_log: RequestLog) -> None:
         """Count, at each scrape, what the request log and the log file could not keep."""
@@ -187,13 +184,14 @@ class DroppedCollector(Collector):
 
 
 class PoolCollector(Collector):
-    """Gauges of the pool's state, read when Prometheus scrapes."""
+    """Gauges of the pool's state, read when Prometheus scrapes: from its public status
+    (`PoolStatus`: every model's status row, the budget and what is used of it)."""
 
-    def __init__(self, pool: ModelPool) -> None:
-        self.pool = pool
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        pool = self.pool
+        status = self.status()
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"mlx_manager_{name}", doc, labels=list(labels))
@@ -212,23 +210,22 @@ class PoolCollector(Collector):
             "Seconds since a model's worker last spoke (it beats every second while it runs).",
         )
         loaded = 0
-        for slot in list(pool.slots.values()):
-            model = slot.model.id
+        for row in status["models"]:
+            model = row["model"]
             for s in STATES:
-                state.add_metric([model, s], float(slot.state == s))
-            if slot.state == "unloaded" and not slot.waiters:
+                state.add_metric([model, s], float(row["state"] == s))
+            if row["state"] == "unloaded" and not row["queued"]:
                 continue
-            loaded += slot.state == "ready"
-            in_flight.add_metric([model], slot.active)
-            queue.add_metric([model], pool.queue_depth(slot))
-            memory.add_metric([model], slot.memory)
-            handle = slot.handle
-            rate.add_metric([model], handle.tokens_per_second if handle else 0.0)
-            if handle is not None:
-                silent.add_metric([model], handle.silent_seconds)
-            if handle is not None and handle.pid is not None:
+            loaded += row["state"] == "ready"
+            in_flight.add_metric([model], row["in_flight"])
+            queue.add_metric([model], row["queued"])
+            memory.add_metric([model], row["memory_bytes"])
+            rate.add_metric([model], row["tokens_per_second"])
+            if row["silent_seconds"] is not None:
+                silent.add_metric([model], row["silent_seconds"])
+            if row["pid"] is not None:
                 try:
-                    rss.add_metric([model], psutil.Process(handle.pid).memory_info().rss)
+                    rss.add_metric([model], psutil.Process(row["pid"]).memory_info().rss)
                 except psutil.Error:
                     pass  # it exited between the two looks
         yield from (state, in_flight, queue, memory, rss, rate, silent)
@@ -238,10 +235,10 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily(
             "mlx_manager_memory_budget_bytes",
             "The memory budget (MLX_MANAGER_MEMORY_BUDGET).",
-            value=pool.budget,
+            value=status["memory_budget_bytes"],
         )
         yield GaugeMetricFamily(
             "mlx_manager_memory_used_bytes",
             "Memory the loaded models count against the budget.",
-            value=pool.memory_used(),
+            value=status["memory_used_bytes"],
         )

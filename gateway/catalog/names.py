@@ -14,8 +14,8 @@ from typing import Any
 
 from config.settings import Settings
 from config.store import Store
+from gateway.catalog.local import LocalModel, read_local_model, scan_local_models
 from gateway.errors import ModelNotFound, PermissionDenied
-from gateway.hub import LocalModel, read_local_model, scan_local_models
 
 # Longer names are not paths here (Linux's PATH_MAX): refused before the OS is asked.
 MAX_PATH = 4096

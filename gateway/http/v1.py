@@ -15,16 +15,17 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from gateway import jsonbody
-from gateway.backend import Stream
+from gateway.engine.protocol import Finished, Logprob, Reasoning, Text, ToolCallArgs, ToolCallStart
+from gateway.engine.request import Choice
 from gateway.errors import InvalidRequest, ServiceError, UnsupportedMediaType
-from gateway.protocol import Finished, Logprob, Reasoning, Text, ToolCallArgs, ToolCallStart
-from gateway.request import Choice
-from gateway.requestlog import RequestRecord
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.service import Service
-from gateway.stream import Usage
+from gateway.http import jsonbody
+from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.observe.requestlog import RequestRecord
+from gateway.observe.usage import Usage
+from gateway.service.backend import Stream
+from gateway.service.service import Service
 
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
@@ -36,13 +37,13 @@ def _service(request: Request) -> Service:
 
 
 def _record(request: Request) -> RequestRecord:
-    """The request's record (gateway/middleware.py), or a detached one outside the app."""
+    """The request's record (gateway/http/middleware.py), or a detached one outside the app."""
     record = getattr(request.state, "record", None)
     return record if record is not None else RequestRecord(request.url.path)
 
 
 async def json_object(request: Request) -> dict[str, Any]:
-    """Every JSON body of /v1 and /admin is parsed here, strictly (gateway/jsonbody.py)."""
+    """Every JSON body of /v1 and /admin is parsed here, strictly (gateway/http/jsonbody.py)."""
     body = await request.body()
     # Only JSON sent as JSON: a web page can send any other type (text/plain, a form, none)
     # without a CORS preflight, so parsing those would let it skip the browser's check.
@@ -370,3 +371,11 @@ class _Meta:
 
 chat_completions = _Endpoint(ChatCompletionRequest).handle
 completions = _Endpoint(CompletionRequest).handle
+
+
+ROUTES = [
+    Route("/v1/models", list_models),
+    Route("/v1/models/{model_id:path}", get_model),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+]

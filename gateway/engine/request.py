@@ -1,6 +1,6 @@
 """What one choice of a generation asks of a worker (`GenerationRequest`, sent as a plain dict:
 its payload), and a finished choice (`Choice`). The events a worker answers with are in
-gateway/protocol.py."""
+gateway/engine/protocol.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from gateway.protocol import Logprob
+from gateway.engine.protocol import Logprob
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 OPENAI_DEFAULT_TOP_P = 1.0

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import parse_duration
-from gateway import jsonbody
+from gateway.engine.grammar import grammar_for_text, tool_call_grammar
+from gateway.engine.request import GenerateRequest, GenerationRequest
 from gateway.fields import Temperature, Tokens, TopP
-from gateway.grammar import grammar_for_text, tool_call_grammar
-from gateway.request import GenerateRequest, GenerationRequest
+from gateway.http import jsonbody
 
 MAX_CHOICES = 16
 MAX_STOPS = 16

@@ -12,12 +12,12 @@ import httpx
 
 from config.settings import Settings
 from gateway import errors
-from gateway.downloads import DownloadProgress
-from gateway.keys import client_key
-from gateway.protocol import Finished, Output, Reasoning, Text, ToolCallArgs, ToolCallStart
-from gateway.request import Choice, GenerateRequest
-from gateway.requestlog import RequestRecord
-from gateway.stream import Usage
+from gateway.catalog.hub import DownloadProgress
+from gateway.engine.protocol import Finished, Output, Reasoning, Text, ToolCallArgs, ToolCallStart
+from gateway.engine.request import Choice, GenerateRequest
+from gateway.observe.requestlog import RequestRecord
+from gateway.observe.usage import Usage
+from gateway.service.keys import client_key
 
 PROGRESS_INTERVAL = 0.5
 

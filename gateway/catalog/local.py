@@ -206,7 +206,7 @@ def scan_local_models(hf_cache: Path, folders: list[Path]) -> list[LocalModel]:
 
 
 def read_local_model(path: Path) -> LocalModel | None:
-    """A model named by its path, which the caller has made real (gateway/catalog.py): its id
+    """A model named by its path, which the caller has made real (gateway/catalog/names.py): its id
     is that path. None when the folder holds no model or cannot be read."""
     info = _read_model_dir(path)
     if info is None:

@@ -1,0 +1,135 @@
+"""Builds the Starlette app: the routes of the HTTP faces, middleware, error handlers and the
+lifespan that starts and stops the service."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, nullcontext
+
+from mcp.server.mcpserver import MCPServer
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from config.settings import Settings
+from gateway.errors import ServiceError
+from gateway.http import admin, v1
+from gateway.http.middleware import (
+    AuthMiddleware,
+    BodyDeadlineMiddleware,
+    BodyLimitMiddleware,
+    OriginMiddleware,
+    RecordMiddleware,
+)
+from gateway.http.origins import host_policy
+from gateway.service.keys import write_token_file
+from gateway.service.service import Service
+
+log = logging.getLogger("mlx_manager")
+
+
+def _note_error(request: Request, message: str) -> None:
+    record = getattr(request.state, "record", None)
+    if record is not None:
+        record.error = message
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    _note_error(request, exc.message)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    message = (
+        f"Unknown path {request.method} {request.url.path}."
+        if exc.status_code == 404
+        else f"{exc.detail} ({request.method} {request.url.path})."
+    )
+    _note_error(request, message)
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = {
+        "error": {
+            "message": f"Internal error: {type(exc).__name__}. See the server log.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    return JSONResponse(body, status_code=500)
+
+
+def create_app(settings: Settings, service: Service, mcp: MCPServer | None = None) -> Starlette:
+    """The HTTP face over `service`, with an MCP server's streamable HTTP transport at /mcp
+    (the composition root, gateway/cli.py, builds the two faces over one service)."""
+    policy = host_policy(settings)
+    mcp_app = None
+    if mcp is not None:
+        mcp_app = mcp.streamable_http_app(
+            streamable_http_path="/mcp",
+            transport_security=policy.transport_security(),
+            host=settings.host,
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings, app.state.service = settings, service
+        service.keys.add_local_token(write_token_file(settings))
+        await service.start()
+        try:
+            # Starlette does not run a mounted app's lifespan: MCP's session manager runs here.
+            async with mcp.session_manager.run() if mcp is not None else nullcontext():
+                yield
+        finally:
+            await service.close()
+            settings.token_file().unlink(missing_ok=True)
+
+    routes = [
+        *admin.ROUTES,
+        *v1.ROUTES,
+        # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
+        # still gets this app's own OpenAI-shaped 404.
+        *(mcp_app.routes if mcp_app is not None else []),
+    ]
+    middleware = [
+        # Outermost first: every request gets an id and a log line, even one refused for its
+        # key; then a request without a valid key learns nothing else.
+        Middleware(RecordMiddleware, finish=service.finish_request),
+        # Then a foreign web page is refused, and an allowed one gets its CORS answers
+        # (preflights carry no key).
+        Middleware(OriginMiddleware, policy=policy),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=["*"] if policy.any_origin else [],
+            allow_origin_regex=None if policy.any_origin else policy.origin_regex(),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["*"],
+            # Chrome asks before a public site may call a server on this machine.
+            allow_private_network=True,
+            expose_headers=["x-request-id", "retry-after", "mcp-session-id"],
+        ),
+        Middleware(AuthMiddleware, keys=service.keys, limit=settings.max_concurrent_per_key),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
+        Middleware(BodyDeadlineMiddleware, seconds=settings.request_read_timeout),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            ServiceError: _service_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+    )
