@@ -27,7 +27,7 @@ migrations = Migrations("mlx_manager")
 
 @migrations()
 def create_profiles(db: sqlite_utils.Database) -> None:
-    db["profiles"].create(
+    db.table("profiles").create(
         {
             "name": str,
             "model": str,
@@ -49,7 +49,7 @@ def create_profiles(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def create_downloads(db: sqlite_utils.Database) -> None:
-    db["downloads"].create(
+    db.table("downloads").create(
         {
             "id": str,
             "repo": str,
@@ -66,7 +66,7 @@ def create_downloads(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def create_api_keys(db: sqlite_utils.Database) -> None:
-    db["api_keys"].create(
+    db.table("api_keys").create(
         {
             "name": str,
             "hash": str,  # sha256 hex of the key; the key itself is never stored
@@ -76,18 +76,18 @@ def create_api_keys(db: sqlite_utils.Database) -> None:
         },
         pk="name",
     )
-    db["api_keys"].create_index(["hash"], unique=True)
+    db.table("api_keys").create_index(["hash"], unique=True)
 
 
 @migrations()
 def add_profile_output_fields(db: sqlite_utils.Database) -> None:
-    db["profiles"].add_column("reasoning_format", str)  # separate | inline
-    db["profiles"].add_column("tool_parser", str)  # an mlx-lm tool parser module
+    db.table("profiles").add_column("reasoning_format", str)  # separate | inline
+    db.table("profiles").add_column("tool_parser", str)  # an mlx-lm tool parser module
 
 
 @migrations()
 def create_request_log(db: sqlite_utils.Database) -> None:
-    db["requests"].create(
+    db.table("requests").create(
         {
             "id": int,
             "request_id": str,  # also sent to the client as x-request-id
@@ -110,8 +110,8 @@ def create_request_log(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["requests"].create_index(["time"])
-    db["requests"].create_index(["model", "time"])
+    db.table("requests").create_index(["time"])
+    db.table("requests").create_index(["model", "time"])
 
 
 REQUEST_COLUMNS = (
@@ -190,10 +190,10 @@ class Store:
     # Profiles -------------------------------------------------------------------------------
 
     def profiles(self) -> list[dict[str, Any]]:
-        return [_profile_row(r) for r in self.db["profiles"].rows_where(order_by="name")]
+        return [_profile_row(r) for r in self.db.table("profiles").rows_where(order_by="name")]
 
     def profile(self, name: str) -> dict[str, Any] | None:
-        rows = list(self.db["profiles"].rows_where("name = ?", [name]))
+        rows = list(self.db.table("profiles").rows_where("name = ?", [name]))
         return _profile_row(rows[0]) if rows else None
 
     def save_profile(self, profile: dict[str, Any]) -> None:
@@ -207,7 +207,7 @@ class Store:
             existing = self.profile(row["name"])
             if existing is not None:
                 row["created"] = existing["created"]
-            db["profiles"].upsert(row, pk="name")
+            db.table("profiles").upsert(row, pk="name")
 
     # Downloads ------------------------------------------------------------------------------
 
@@ -230,14 +230,16 @@ class Store:
             "updated": _now(),
         }
         with self.write():
-            if self.db["downloads"].count_where("id = ?", [job_id]):
-                self.db["downloads"].update(job_id, row)
+            if self.db.table("downloads").count_where("id = ?", [job_id]):
+                self.db.table("downloads").update(job_id, row)
             else:
-                self.db["downloads"].insert({**row, "created": row["updated"]})
+                self.db.table("downloads").insert({**row, "created": row["updated"]})
 
     def unfinished_downloads(self) -> list[dict[str, Any]]:
         return list(
-            self.db["downloads"].rows_where("status in ('queued', 'running')", order_by="created")
+            self.db.table("downloads").rows_where(
+                "status in ('queued', 'running')", order_by="created"
+            )
         )
 
     def delete_profile(self, name: str) -> bool:
@@ -248,12 +250,12 @@ class Store:
     # API keys -------------------------------------------------------------------------------
 
     def api_keys(self) -> list[dict[str, Any]]:
-        return list(self.db["api_keys"].rows_where(order_by="created"))
+        return list(self.db.table("api_keys").rows_where(order_by="created"))
 
     def add_api_key(self, name: str, digest: str, prefix: str) -> dict[str, Any]:
         row = {"name": name, "hash": digest, "prefix": prefix, "created": _now()}
         with self.write() as db:
-            db["api_keys"].insert({**row, "last_used": None})
+            db.table("api_keys").insert({**row, "last_used": None})
         return {**row, "last_used": None}
 
     def delete_api_key(self, name: str) -> bool:
@@ -270,7 +272,7 @@ class Store:
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         """Append request log rows, all in one transaction."""
         with self.write() as db:
-            db["requests"].insert_all(rows)
+            db.table("requests").insert_all(rows)
 
     def requests(
         self,

@@ -183,6 +183,7 @@ class Downloads:
         for s in files:
             if job.cancel.is_set():
                 raise Cancelled
+            assert info.sha is not None  # the revision was resolved to a commit above
             fetch_file(self.settings.hf_cache, job, s.rfilename, info.sha)
             job._base += s.size or 0
             job.bytes_done = job._base

@@ -96,12 +96,16 @@ def _vocabulary(path: Path) -> set[str]:
         elif isinstance(vocab, list):  # Unigram: [token, score] pairs
             tokens.update(v[0] for v in vocab if isinstance(v, list) and v)
         tokens.update(
-            t.get("content") for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)
+            str(t.get("content"))
+            for t in tokenizer.get("added_tokens") or []
+            if isinstance(t, dict)
         )
     config = read("tokenizer_config.json")
     if isinstance(config, dict) and isinstance(config.get("added_tokens_decoder"), dict):
         tokens.update(
-            t.get("content") for t in config["added_tokens_decoder"].values() if isinstance(t, dict)
+            str(t.get("content"))
+            for t in config["added_tokens_decoder"].values()
+            if isinstance(t, dict)
         )
     for name in ("added_tokens.json", "vocab.json"):
         if isinstance(extra := read(name), dict):

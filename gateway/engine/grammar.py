@@ -26,7 +26,10 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     else:
         schema = response_format["json_schema"].get("schema") or {}  # {}: any JSON value
     try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_OPTIONS)
+        grammar = LLMatcher.grammar_from_json_schema(
+            json.dumps(schema),
+            overrides=_OPTIONS,  # type: ignore[arg-type]
+        )
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"Invalid JSON schema: {e}", param="response_format") from None
     except RecursionError:  # request bodies are depth-limited; this is for other callers
@@ -102,7 +105,10 @@ def _call_grammar(tools: list[dict[str, Any]]) -> tuple[str, str | None]:
     # Free whitespace would let a model pad a call forever.
     layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
+        grammar = LLMatcher.grammar_from_json_schema(
+            json.dumps(schema),
+            overrides=layout,  # type: ignore[arg-type]
+        )
     except (ValueError, TypeError) as e:
         return "", str(e)
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)

@@ -427,7 +427,7 @@ class Engine:
         from mlx_lm.sample_utils import apply_top_p
 
         temp = float(req.get("temperature") or 0.0)
-        top_p = float(req.get("top_p") if req.get("top_p") is not None else 1.0)
+        top_p = float(req.get("top_p") or 0.0) if req.get("top_p") is not None else 1.0
         seed = req.get("seed")
         if temp == 0:
             temp, top_p, seed = 0.0, 1.0, None  # greedy: one shared sampler batches every row
@@ -669,7 +669,7 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
         import mlx.core as mx
         import mlx_lm
 
-        model, tokenizer, config = mlx_lm.load(model_path, return_config=True)
+        model, tokenizer, config = mlx_lm.load(model_path, return_config=True)  # type: ignore[misc]
         context = context_length_of(config) or 4096
     except BaseException as e:  # noqa: BLE001 - any load failure is reported, not raised
         log.error("load failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
@@ -692,7 +692,8 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
     )
     conn.send(Ready(info))
     try:
-        cfg = config.get("text_config", config)
+        assert config is not None
+        cfg: dict[str, Any] = config.get("text_config") or config
         vocab = max(int(cfg.get("vocab_size") or 0), len(tokenizer))
         Engine(
             model,

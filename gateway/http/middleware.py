@@ -121,12 +121,12 @@ class OriginMiddleware:
             return
         origin = headers.get("origin")
         if origin is not None and not self.policy.origin_allowed(origin):
-            exc = OriginNotAllowed(
+            refused: ServiceError = OriginNotAllowed(
                 f"Requests from web pages at {origin} are refused: that origin is neither this "
                 "server nor one it allows. To let a web app there call this server, add its "
                 "origin to MLX_MANAGER_ALLOWED_ORIGINS."
             )
-            await _reject(exc, scope, receive, send)
+            await _reject(refused, scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -174,11 +174,11 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight[name] >= self.limit:
-            exc = ConcurrencyLimit(
+            limited: ServiceError = ConcurrencyLimit(
                 f"API key '{name}' already has {self.in_flight[name]} requests in flight, the "
                 f"most this server allows per key (MLX_MANAGER_MAX_CONCURRENT_PER_KEY)."
             )
-            await _reject(exc, scope, receive, send)
+            await _reject(limited, scope, receive, send)
             return
         self.in_flight[name] += 1
         try:

@@ -146,10 +146,11 @@ class LogFile(logging.handlers.RotatingFileHandler):
 
     def _write(self, text: str) -> None:
         if self.stream is None:
-            self.stream = self._open()
+            self.stream = self._open()  # type: ignore[assignment]  # binary: see _open
+        stream: BinaryIO = self.stream  # type: ignore[assignment]
         data = memoryview((("\n" if self._torn else "") + text).encode(errors="replace"))
         while data:
-            data = data[self.stream.write(data) :]
+            data = data[stream.write(data) :]
             self._torn = bool(data)  # part of a line is in: the next write may fail
 
     def _dropped_note(self) -> logging.LogRecord:

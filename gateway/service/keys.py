@@ -9,6 +9,7 @@ check takes says nothing about which key, or how much of one, was right.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import ipaddress
@@ -104,7 +105,7 @@ class ApiKeys:
         self._touched[name] = now
         return True
 
-    def _table(self) -> list[tuple[bytes, str]]:
+    def _table(self) -> builtins.list[tuple[bytes, str]]:
         # Re-read only when another connection committed (a `keys create` in another process).
         version = self.store.data_version()
         if version != self._version:
