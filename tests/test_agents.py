@@ -364,9 +364,9 @@ def test_a_failing_call_grammar_ends_the_request_with_an_error(models: Models) -
     from llguidance import LLMatcher
     from mlx_lm import load
 
+    from gateway.engine.generator import Engine
     from gateway.engine.protocol import Event, Failed, Started
     from gateway.engine.request import GenerationRequest
-    from gateway.engine.worker import Engine
 
     model, tok = load(str(models.path(AGENT)))
     # submit() and step() only fill the event list: no pipe to the gateway is needed.

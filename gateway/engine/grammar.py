@@ -1,7 +1,7 @@
 """Grammars for constrained decoding, compiled by llguidance (the library llama.cpp, vLLM and
 SGLang use) here in the gateway, once per distinct schema: `response_format` (a bad schema is a
 400 before it reaches a worker) and the shape of a JSON tool call. The worker enforces them token
-by token (gateway/engine/worker.py)."""
+by token (gateway/engine/logits.py)."""
 
 from __future__ import annotations
 

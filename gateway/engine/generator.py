@@ -1,0 +1,484 @@
+"""The Engine: all MLX state of one model inside its worker process. It drives mlx-lm's
+BatchGenerator, admitting new requests between decode steps, and turns each step into events
+(gateway/engine/protocol.py): text held back at stop strings, split into content, reasoning and
+tool calls, logprobs; with the prompt cache, sampling and logits processors of each request.
+Everything MLX happens on the worker's main thread."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.engine import logits
+from gateway.engine.channels import ChannelSplitter, Markers
+from gateway.engine.pipe import WorkerPipe
+from gateway.engine.protocol import (
+    Activity,
+    Cancel,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    Logprob,
+    Reasoning,
+    Started,
+    Stop,
+    Text,
+    ToolCallArgs,
+    ToolCallStart,
+)
+
+log = logging.getLogger("mlx_manager.worker")
+
+KEY = "model"  # the prompt cache's model key: a worker serves one model
+REPORT_SECONDS = 0.5
+
+
+@dataclass
+class _Sequence:
+    rid: str
+    detokenizer: Any
+    stops: list[str]
+    max_stop: int
+    logprobs: bool
+    top_logprobs: int
+    tokens: int = 0
+    pending: str = ""  # decoded text held back because it may be the start of a stop string
+    channels: ChannelSplitter | None = None  # reasoning and tool calls, when the model has them
+    parallel_tool_calls: bool = True
+    tool_calls_sent: int = 0
+    reasoning_tokens: int = 0
+    ignore_eos: bool = False  # benchmarks: run to max_tokens, end-of-sequence tokens and all
+    # Why a grammar stopped holding the output (its logits processors write here): the
+    # request then ends with an error instead of going on unconstrained.
+    fault: list[str] = field(default_factory=list)
+
+
+def _finite(logprob: float) -> float:
+    """Tokens a grammar or a -100 logit_bias rules out have a logprob of -inf, which JSON
+    cannot carry: -9999.0 stands for it, as in OpenAI's answers."""
+    return max(float(logprob), -9999.0) if logprob == logprob else -9999.0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        conn: WorkerPipe,
+        context_length: int,
+        batch_size: int,
+        vocab_size: int,
+        prompt_cache_bytes: int = 0,
+        think: tuple[str, str] | None = None,
+    ) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator, StopSequences
+
+        self.mx = mx
+        self.tokenizer = tokenizer
+        self.conn = conn
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.gen = BatchGenerator(
+            model,
+            completion_batch_size=batch_size,
+            prefill_batch_size=min(8, batch_size),
+            stream=mx.new_stream(mx.default_device()),
+        )
+        self.eos = StopSequences([[t] for t in tokenizer.eos_token_ids])
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.no_stop = StopSequences()  # ignore_eos: only max_tokens ends the sequence
+        self.think = think  # reasoning markers: gateway.hub.think_markers, as model_info says
+        self.seqs: dict[int, _Sequence] = {}
+        self.uid_of: dict[str, int] = {}
+        self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
+        self.generated_total = 0
+        self.token_texts: dict[int, str] = {}
+        self.reported: tuple[int, int] | None = None
+        self.reported_at = 0.0
+        self.lltok: Any = None  # llguidance tokenizer, for response_format
+        # KV caches of finished sequences, found again by longest common token prefix (chats
+        # resend their history); mlx-lm's trie + LRU, bounded in bytes.
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.prompt_cache = (
+            LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes)
+            if prompt_cache_bytes > 0
+            else None
+        )
+
+    # Requests ---------------------------------------------------------------------------------
+
+    def submit(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
+        try:
+            prompt = self._tokenize(req)
+        except Exception as e:  # a template that rejects the messages, bad content, ...
+            events.append(Failed(rid, "InvalidRequest", f"Could not build the prompt: {e}"))
+            return
+        limit = min(self.context_length, req.get("context_length") or self.context_length)
+        if len(prompt) >= limit:
+            events.append(
+                Failed(
+                    rid,
+                    "ContextLengthExceeded",
+                    f"This model's maximum context length is {limit} tokens, but the prompt "
+                    f"has {len(prompt)} tokens. Shorten the messages or the prompt.",
+                )
+            )
+            return
+        bad = [t for t in req.get("logit_bias") or {} if t >= self.vocab_size]
+        if bad:
+            events.append(
+                Failed(
+                    rid,
+                    "InvalidRequest",
+                    f"logit_bias: token id {bad[0]} is "
+                    f"outside this model's vocabulary of {self.vocab_size} tokens.",
+                )
+            )
+            return
+        room = limit - len(prompt)
+        max_tokens = min(req.get("max_tokens") or room, room)
+        stops = [s for s in req.get("stop") or [] if s]
+        fault: list[str] = []
+        parallel = bool(req.get("parallel_tool_calls", True))
+        try:
+            channels, forced = self._channels(req, prompt)
+            processors = self._processors(req)
+            if forced:
+                processors.append(logits.force_prefix(forced))
+            if req.get("grammar"):
+                processors.append(
+                    logits.constrain(self._lltokenizer(), req["grammar"], list(self.eos_ids), fault)
+                )
+            elif channels is not None and channels.json_calls:
+                processors.append(
+                    logits.call_grammar(
+                        self._lltokenizer(), req["tool_grammar"], *self._markers(channels), fault
+                    )
+                )
+            if forced and channels is not None and channels.markers.tool:
+                processors.append(logits.only_calls_follow(*self._markers(channels), parallel))
+            cache, cached = self._cached_prefix(prompt)
+            (uid,) = self.gen.insert(
+                [prompt[cached:]],
+                caches=[cache],
+                all_tokens=[prompt[:cached]],
+                max_tokens=[max_tokens],
+                samplers=[self._sampler(req)],
+                logits_processors=[processors],
+                stop_sequences=[self.no_stop if req.get("ignore_eos") else self.eos],
+            )
+        except Exception as e:  # one bad request must not take the model down for everyone
+            log.warning("request %s: could not start generation", rid, exc_info=True)
+            events.append(Failed(rid, "InvalidRequest", f"Could not start generation: {e}"))
+            return
+        self.seqs[uid] = _Sequence(
+            rid,
+            self.tokenizer.detokenizer,
+            stops,
+            max((len(s) for s in stops), default=0),
+            bool(req.get("logprobs")),
+            int(req.get("top_logprobs") or 0),
+            channels=channels,
+            parallel_tool_calls=parallel,
+            ignore_eos=bool(req.get("ignore_eos")),
+            fault=fault,
+        )
+        self.uid_of[rid] = uid
+        events.append(Started(rid, len(prompt), cached))
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[Any, int]:
+        """A KV cache for the longest cached prefix of `prompt`, and that prefix's length. At
+        least the last prompt token is always computed: its logits give the first token."""
+        if self.prompt_cache is None:
+            return None, 0
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(KEY, prompt)
+        if cache is None:
+            return None, 0
+        if not rest:  # the whole prompt was cached
+            if not can_trim_prompt_cache(cache):
+                return None, 0
+            trim_prompt_cache(cache, 1)
+            return cache, len(prompt) - 1
+        return cache, len(prompt) - len(rest)
+
+    def _channels(
+        self, req: dict[str, Any], prompt: list[int]
+    ) -> tuple[ChannelSplitter | None, list[int]]:
+        """The splitter for this request's output (None: plain text), and the tokens the
+        output must start with (a tool call, when tool_choice requires one)."""
+        tok = self.tokenizer
+        if req["kind"] != "chat":
+            return None, []  # a raw completion is raw text
+        think = self.think if req.get("reasoning") != "inline" else None
+        tool, parse, json_calls = None, None, False
+        if req.get("tools"):
+            name = req.get("tool_parser")
+            if name:  # a profile's choice over the tokenizer's own
+                module = importlib.import_module(f"mlx_lm.tool_parsers.{name}")
+                tool, parser = (
+                    (module.tool_call_start, module.tool_call_end),
+                    module.parse_tool_call,
+                )
+            elif tok.has_tool_calling:
+                tool, parser = (tok.tool_call_start, tok.tool_call_end), tok.tool_parser
+            if tool:
+                tools = req["tools"]
+                parse = lambda body: parser(body, tools)  # noqa: E731
+                json_calls = parser.__module__ == "mlx_lm.tool_parsers.json_tools"
+        if think is None and tool is None:
+            return None, []
+        # A template may open the think block itself (the prompt ends inside it).
+        tail = tok.decode(prompt[-16:]) if think else ""
+        inside = think is not None and tail.rfind(think[0]) > tail.rfind(think[1])
+        forced: list[int] = []
+        if tool and req.get("tool_choice") == "required":
+            forced = tok.encode(tool[0], add_special_tokens=False)
+        splitter = ChannelSplitter(
+            Markers(think, tool), parse, in_reasoning=inside, json_calls=json_calls
+        )
+        return splitter, forced
+
+    def _markers(self, channels: ChannelSplitter) -> tuple[list[int], list[int], list[int]]:
+        """The tool call's start and end markers as tokens, and the end-of-sequence tokens."""
+        start, end = channels.markers.tool or ("", "")
+        encode = self.tokenizer.encode
+        return (
+            encode(start, add_special_tokens=False),
+            encode(end, add_special_tokens=False),
+            list(self.tokenizer.eos_token_ids),
+        )
+
+    def _lltokenizer(self) -> Any:
+        """llguidance's view of this tokenizer: built on first use (about a second)."""
+        if self.lltok is None:
+            import llguidance.hf
+
+            self.lltok = llguidance.hf.from_tokenizer(
+                self.tokenizer._tokenizer,
+                n_vocab=self.vocab_size,
+                eos_token=list(self.tokenizer.eos_token_ids),
+            )
+        return self.lltok
+
+    def _tokenize(self, req: dict[str, Any]) -> list[int]:
+        tok = self.tokenizer
+        if req["kind"] == "chat":
+            extra = {"tools": req["tools"]} if req.get("tools") else {}
+            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True, **extra)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            ids = tok.encode(req.get("prompt") or "")
+        if not ids and tok.bos_token_id is not None:
+            ids = [tok.bos_token_id]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _sampler(self, req: dict[str, Any]) -> Callable[..., Any]:
+        mx = self.mx
+        from mlx_lm.sample_utils import apply_top_p
+
+        temp = float(req.get("temperature") or 0.0)
+        top_p = float(req.get("top_p") or 0.0) if req.get("top_p") is not None else 1.0
+        seed = req.get("seed")
+        if temp == 0:
+            temp, top_p, seed = 0.0, 1.0, None  # greedy: one shared sampler batches every row
+        if seed is None and (temp, top_p) in self.samplers:
+            return self.samplers[(temp, top_p)]
+        # A request with a seed owns a PRNG key so its output does not depend on what else is
+        # in the batch (mx.random's global state is shared by every row).
+        # PRNG keys are uint64: a negative or n>1-shifted seed wraps instead of failing.
+        key = [mx.random.key(int(seed) % 2**64)] if seed is not None else None
+
+        def sample(logprobs: Any) -> Any:
+            if temp == 0:
+                return mx.argmax(logprobs, axis=-1)
+            if 0 < top_p < 1:
+                logprobs = apply_top_p(logprobs, top_p)
+            if key is None:
+                return mx.random.categorical(logprobs * (1 / temp))
+            key[0], sub = mx.random.split(key[0])
+            return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+        if seed is None:
+            self.samplers[(temp, top_p)] = sample
+        return sample
+
+    def _processors(self, req: dict[str, Any]) -> list[Any]:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(
+            logit_bias=req.get("logit_bias") or None,
+            presence_penalty=req.get("presence_penalty") or None,
+            frequency_penalty=req.get("frequency_penalty") or None,
+        )
+
+    def cancel(self, rid: str) -> None:
+        uid = self.uid_of.pop(rid, None)
+        if uid is not None:
+            self.seqs.pop(uid, None)
+            self.gen.remove([uid])
+
+    # Decoding -----------------------------------------------------------------------------------
+
+    def step(self, events: list[Event]) -> None:
+        _, responses = self.gen.next()
+        done: list[int] = []
+        for r in responses:
+            seq = self.seqs.get(r.uid)
+            if seq is None:
+                continue
+            seq.tokens += 1
+            self.generated_total += 1
+            if seq.fault:  # its grammar failed: end it rather than let it decode freely
+                events.append(
+                    Failed(seq.rid, "ServiceError", f"The output grammar failed: {seq.fault[0]}")
+                )
+                del self.seqs[r.uid]
+                del self.uid_of[seq.rid]
+                if r.finish_reason is None:
+                    done.append(r.uid)
+                continue
+            # An end-of-sequence token is not part of the text (with ignore_eos neither).
+            if r.finish_reason != "stop" and not (seq.ignore_eos and r.token in self.eos_ids):
+                seq.detokenizer.add_token(r.token)
+            if r.finish_reason is not None:
+                seq.detokenizer.finalize()
+            text, hit_stop = self._hold_back(
+                seq, seq.detokenizer.last_segment, final=r.finish_reason is not None
+            )
+            final = r.finish_reason is not None or hit_stop
+            lp = self._logprob(seq, r) if seq.logprobs else None
+            if seq.channels is None:
+                if text or lp is not None:
+                    events.append(Text(seq.rid, text, lp))
+            else:
+                self._split(seq, text, final, lp, events)
+            if r.finish_reason is not None and self.prompt_cache is not None:
+                if r.prompt_cache:
+                    self.prompt_cache.insert_cache(KEY, list(r.all_tokens), r.prompt_cache)
+            reason = "stop" if hit_stop else r.finish_reason
+            if reason == "stop" and seq.channels is not None and seq.channels.tool_calls:
+                reason = "tool_calls"
+            if reason is not None:
+                events.append(Finished(seq.rid, reason, seq.tokens, seq.reasoning_tokens))
+                del self.seqs[r.uid]
+                del self.uid_of[seq.rid]
+                if r.finish_reason is None:
+                    done.append(r.uid)
+        if done:
+            self.gen.remove(done)
+
+    def _split(self, seq: _Sequence, text: str, final: bool, lp: Any, events: list[Event]) -> None:
+        """Route text to content, reasoning or tool calls. A token's logprob goes with the
+        content it produced; text that went to reasoning or a tool call carries none."""
+        assert seq.channels is not None
+        reasoned = False
+        for part in seq.channels.feed(text, final):
+            if part[0] == "content":
+                events.append(Text(seq.rid, part[1], lp))
+                lp = None
+            elif part[0] == "reasoning":
+                events.append(Reasoning(seq.rid, part[1]))
+                reasoned = True
+            elif part[0] == "tool_start":
+                seq.tool_calls_sent += 1
+                if seq.parallel_tool_calls or seq.tool_calls_sent == 1:
+                    events.append(ToolCallStart(seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1]))
+            elif seq.parallel_tool_calls or seq.tool_calls_sent == 1:
+                events.append(ToolCallArgs(seq.rid, part[1]))
+        seq.reasoning_tokens += reasoned  # a token whose text went (partly) to reasoning
+
+    def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached (never emitted)."""
+        if not seq.stops:
+            return text, False
+        buf = seq.pending + text
+        hits = [i for i in (buf.find(s) for s in seq.stops) if i >= 0]
+        if hits:
+            seq.pending = ""
+            return buf[: min(hits)], True
+        if final:
+            seq.pending = ""
+            return buf, False
+        keep = 0  # the longest tail of buf that could still grow into a stop string
+        for n in range(min(len(buf), seq.max_stop - 1), 0, -1):
+            tail = buf[-n:]
+            if any(s.startswith(tail) for s in seq.stops):
+                keep = n
+                break
+        seq.pending = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def _token_text(self, token: int) -> str:
+        """A token's text for logprobs. A token holding part of a UTF-8 character decodes to
+        U+FFFD, like many others: its vocabulary name keeps it distinguishable."""
+        text = self.token_texts.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token])
+            if "\ufffd" in text:
+                text = self.tokenizer.convert_ids_to_tokens(token)
+            self.token_texts[token] = text
+        return text
+
+    def _logprob(self, seq: _Sequence, r: Any) -> Logprob:
+        mx = self.mx
+        decode = self._token_text
+        top: list[tuple[str, float]] = []
+        if seq.top_logprobs > 0:
+            k = seq.top_logprobs
+            idx = mx.argpartition(-r.logprobs, kth=k - 1)[:k]
+            vals = r.logprobs[idx]
+            order = mx.argsort(-vals)
+            ids, lps = idx[order].tolist(), vals[order].tolist()
+            top = [(decode(i), _finite(v)) for i, v in zip(ids, lps, strict=True)]
+        return Logprob(decode(r.token), _finite(r.logprobs[r.token].item()), top)
+
+    # Main loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        conn = self.conn
+        while True:
+            if not self.seqs:
+                self._report()
+                conn.poll(None)  # idle: sleep until the gateway writes (or goes away)
+            events: list[Event] = []
+            while conn.poll(0):
+                msg = conn.recv()
+                if isinstance(msg, Generate):
+                    self.submit(msg.rid, msg.request, events)
+                elif isinstance(msg, Cancel):
+                    self.cancel(msg.rid)
+                elif isinstance(msg, Stop):
+                    return
+            if self.seqs:
+                self.step(events)
+            if events:
+                conn.send(events)
+            self._report()
+
+    def _report(self) -> None:
+        """Tell the gateway how many sequences run here whenever that number changes, and
+        how many tokens it has made at least every REPORT_SECONDS while it generates (the
+        gateway's tokens/s and memory figures)."""
+        state = (len(self.seqs), self.generated_total)
+        now = time.monotonic()
+        if (
+            self.reported is None
+            or state[0] != self.reported[0]
+            or (state[0] and now - self.reported_at >= REPORT_SECONDS)
+        ):
+            self.reported, self.reported_at = state, now
+            # MLX's own figure: weights, KV caches and its buffer cache, what the budget counts.
+            memory = self.mx.get_active_memory() + self.mx.get_cache_memory()
+            self.conn.send([Activity(*state, memory)])
