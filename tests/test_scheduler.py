@@ -25,9 +25,10 @@ from gateway import errors
 from gateway.catalog.local import LocalModel
 from gateway.catalog.names import Catalog
 from gateway.engine.handle import Sink
-from gateway.engine.pool import EVICTED, IDLE, ModelPool, Slot, Worker
+from gateway.engine.pool import EVICTED, IDLE, ModelPool
 from gateway.engine.protocol import Failed, Finished, Started, Text
 from gateway.engine.request import GenerationRequest
+from gateway.engine.slot import Slot, Worker
 
 # Weights in bytes. The budget is 1000: two 400s fit, three do not; "huge" never fits alone;
 # "p600" pinned leaves room for one 400 but not for "x500".

@@ -25,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 
@@ -36,8 +34,16 @@ from config.settings import Settings
 from gateway import errors
 from gateway.catalog.local import LocalModel
 from gateway.catalog.names import Catalog, Resolved
-from gateway.engine.handle import ProcessWorkers, Sink
+from gateway.engine.handle import ProcessWorkers
 from gateway.engine.request import GenerationRequest
+from gateway.engine.slot import (
+    DRAINED,
+    LOADED_STATES,
+    MemoryEstimate,
+    Slot,
+    Worker,
+    WorkerFactory,
+)
 from gateway.engine.stream import Generation
 from gateway.observe.logs import worker_log_path
 from gateway.observe.metrics import Metrics
@@ -48,123 +54,7 @@ log = logging.getLogger("mlx_manager.pool")
 FOREVER = 365 * 86400.0
 # Why a worker is stopped (its log and the metrics tell evictions from the rest).
 EVICTED = "evicted to make room"
-DRAINED = "drained"
 IDLE = "idle for"
-
-
-class Worker(Protocol):
-    """What the pool needs of a worker: gateway/engine/handle.py's WorkerHandle, or a test's fake.
-
-    Its state goes loading -> ready -> stopped, or failed. Events of each submitted request go
-    to its sink as gateway/engine/protocol.py's events, ending with Finished or Failed. When it dies
-    or hangs on its own (not when stopped), it fails what it runs with ModelUnavailable, sets
-    `state` "failed" (and `stalled` for a hang) and calls the on_exit its factory was given
-    (while loading too: start() then raises).
-    """
-
-    state: str
-    # Once loaded: memory_bytes (kept current while it runs), context_length, load_seconds.
-    info: dict[str, Any]
-    error: str | None  # why it failed
-    stalled: bool  # it failed because it stopped answering
-    worker_active: int  # sequences it reports running
-    generated_tokens: int
-    tokens_per_second: float
-
-    @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def silent_seconds(self) -> float: ...
-
-    async def start(self, timeout: float) -> None:
-        """Load the model; ModelUnavailable if that fails or takes longer than `timeout`."""
-
-    def submit(self, req: dict[str, Any], sink: Sink) -> str:
-        """Queue one request, returning its id; ModelUnavailable unless ready."""
-        raise NotImplementedError
-
-    def cancel(self, rid: str) -> None:
-        """Stop a request: no more of its events reach its sink."""
-
-    async def stop(self, reason: str) -> None:
-        """End the worker, returning once it has gone; what still runs fails with `reason`."""
-
-
-# (model, options for the worker process, on_exit) -> a worker that has not started yet.
-WorkerFactory = Callable[[LocalModel, dict[str, Any], Callable[[Worker], None]], Worker]
-
-
-class MemoryEstimate:
-    """Memory a model needs before its worker has reported a real figure: its weights times a
-    factor. The factor starts at 1.2 (headroom for KV caches and MLX's buffer cache), then is
-    measured: the highest ratio of a loaded worker's real figure to its weights seen so far,
-    kept within [1.0, 3.0]. A model's own figure replaces the estimate once it has loaded."""
-
-    DEFAULT, LOW, HIGH = 1.2, 1.0, 3.0
-
-    def __init__(self) -> None:
-        self.factor = self.DEFAULT
-        self.measured = False
-
-    def observe(self, weights_bytes: int, real_bytes: int) -> None:
-        if weights_bytes <= 0 or real_bytes <= 0:
-            return
-        ratio = min(self.HIGH, max(self.LOW, real_bytes / weights_bytes))
-        self.factor = max(self.factor, ratio) if self.measured else ratio
-        self.measured = True
-
-    def __call__(self, weights_bytes: int) -> int:
-        return int(weights_bytes * self.factor)
-
-
-LOADED_STATES = ("loading", "ready", "draining")
-
-
-@dataclass(eq=False)
-class Slot:
-    """One model's place in the pool."""
-
-    key: str
-    model: LocalModel
-    state: str = "unloaded"  # unloaded | loading | ready | draining | failed
-    handle: Worker | None = None
-    active: int = 0  # leases: requests running on the worker
-    waiters: deque[asyncio.Future[Worker]] = field(default_factory=deque)
-    load_task: asyncio.Task[None] | None = None
-    unload_task: asyncio.Task[None] | None = None
-    pinned: bool = False
-    ttl: float | None = None  # profile TTL; None: the pool's default
-    keep_alive: float | None = None  # the last request's keep_alive, if it gave one
-    drain_reason: str = DRAINED  # why it stops once its running requests end
-    measured: int | None = None  # memory the worker reported last time it was loaded
-    last_used: float = field(default_factory=time.time)
-    loaded_at: float | None = None
-    ttl_timer: asyncio.TimerHandle | None = None
-    served: int = 0
-    loads: int = 0
-    crashes: int = 0
-    stalls: int = 0  # times its worker stopped answering and was killed
-    error: str | None = None
-    estimator: MemoryEstimate = field(default_factory=MemoryEstimate, repr=False)
-
-    @property
-    def estimate(self) -> int:
-        if self.measured:
-            return self.measured
-        return self.estimator(self.model.weights_bytes)
-
-    @property
-    def memory(self) -> int:
-        """What this slot counts against the budget now."""
-        if self.state not in LOADED_STATES:
-            return 0
-        real = self.handle.info.get("memory_bytes") if self.handle else None
-        return max(real or 0, self.estimate if self.state == "loading" else 0) or self.estimate
-
-    @property
-    def idle(self) -> bool:
-        return self.active == 0 and not self.waiters
 
 
 class Lease:
