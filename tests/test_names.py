@@ -246,3 +246,30 @@ def test_allow_any_path_setting(tmp_path: Path) -> None:
     assert load_settings(environ=env).allow_any_path is False
     env["MLX_MANAGER_ALLOW_ANY_PATH"] = "1"
     assert load_settings(environ=env).allow_any_path is True
+
+
+def test_catalog_scans_only_when_the_disk_may_have_changed(models: Models, tmp_path: Path) -> None:
+    """Listing models or naming an unknown one reuses the last scan while the model folders
+    are unchanged; a folder added or removed shows at once."""
+    import shutil
+
+    own = tmp_path / "own"
+    own.mkdir()
+    home = tmp_path / "home"
+    s = Settings(home=home, model_dirs=[models.folder, own], hf_cache=models.hf_cache)
+    home.mkdir()
+    cat = Catalog(s, Store(s.db_path))
+    scans = cat.scans
+    for _ in range(5):
+        assert "tiny-a" in {m.id for m in cat.models()}
+        assert cat.find("no-such-model") is None
+        with pytest.raises(errors.ModelNotFound):
+            cat.resolve("no-such-model")
+    assert cat.scans == scans
+    shutil.copytree(models.path("tiny-a"), own / "fresh")  # a model folder appears
+    assert "fresh" in {m.id for m in cat.models()} and cat.scans == scans + 1
+    assert cat.resolve("fresh").model.id == "fresh" and cat.scans == scans + 1
+    shutil.rmtree(own / "fresh")  # and goes
+    assert "fresh" not in {m.id for m in cat.models()}
+    with pytest.raises(errors.ModelNotFound):
+        cat.resolve("fresh")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from gateway.errors import ModelNotFound, PermissionDenied
 
 # Longer names are not paths here (Linux's PATH_MAX): refused before the OS is asked.
 MAX_PATH = 4096
+# The last scan of the disk is reused while the model folders' own mtimes are unchanged (a model
+# folder added or removed changes them) and it is younger than this: a change inside a model
+# folder shows within seconds, and a request never waits for a scan it does not need.
+RESCAN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,31 @@ class Catalog:
         self.store = store
         self._models: dict[str, LocalModel] = {}
         self._by_key: dict[str, LocalModel] = {}  # by real path
+        self._scanned: tuple[float, tuple[int | None, ...]] = (0.0, ())  # when, and the stamp
+        self.scans = 0
         self.refresh()
 
+    def _stamp(self) -> tuple[int | None, ...]:
+        """The model folders' and the HF cache's mtimes: any folder added or removed in one
+        changes them."""
+        stamp: list[int | None] = []
+        for d in (*self.settings.all_model_dirs(), self.settings.hf_cache):
+            try:
+                stamp.append(os.stat(d).st_mtime_ns)
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _fresh(self) -> None:
+        """Scan again only if the disk may have changed since the last scan."""
+        when, stamp = self._scanned
+        if time.monotonic() - when > RESCAN_SECONDS or self._stamp() != stamp:
+            self.refresh()
+
     def refresh(self) -> list[LocalModel]:
+        """Scan the disk now (after a download or a delete, which know it changed)."""
+        self._scanned = (time.monotonic(), self._stamp())
+        self.scans += 1
         models = scan_local_models(self.settings.hf_cache, self.settings.all_model_dirs())
         self._models = {m.id: m for m in models}
         by_key: dict[str, LocalModel] = {}
@@ -51,14 +78,18 @@ class Catalog:
         return models
 
     def models(self) -> list[LocalModel]:
-        """A fresh scan: models added or removed on disk show up at once."""
-        return self.refresh()
+        """The local models: models added or removed on disk show up at once (a folder added to
+        a models folder), or within RESCAN_SECONDS (one changed inside)."""
+        self._fresh()
+        return list(self._models.values())
 
     def get(self, model_id: str) -> LocalModel | None:
         model = self._models.get(model_id)
-        if model is None or not (model.path / "config.json").is_file():
-            model = {m.id: m for m in self.refresh()}.get(model_id)
-        return model
+        if model is not None and not (model.path / "config.json").is_file():
+            self.refresh()  # it was deleted
+        elif model is None:
+            self._fresh()  # an unknown name: no scan unless the disk may have changed
+        return self._models.get(model_id)
 
     # Names ----------------------------------------------------------------------------------
 
@@ -113,7 +144,7 @@ class Catalog:
         listed = self._by_key.get(real)
         parent = os.path.dirname(real)
         if listed is None and (parent in self._roots() or os.path.basename(parent) == "snapshots"):
-            # Perhaps a model added to a models folder or the HF cache since the last scan.
+            # A folder that exists (its real path resolved) but was not there at the last scan.
             self.refresh()
             listed = self._by_key.get(real)
         if listed is not None:
