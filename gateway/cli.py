@@ -16,8 +16,9 @@ from config.settings import Settings, SettingsError, load_settings
 from gateway.catalog.local import scan_local_models
 from gateway.errors import ServiceError
 from gateway.observe.logs import setup_logging
+from gateway.service.connect import connect
 from gateway.service.keys import check_bind
-from gateway.service.service import Service, connect
+from gateway.service.service import Service
 
 DEMO_MODEL = "demo-random"
 

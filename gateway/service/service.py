@@ -19,7 +19,6 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import httpx
 import psutil
 
 from config.files import private_dir
@@ -36,7 +35,6 @@ from gateway.observe.requestlog import RequestRecord
 from gateway.service.backend import Backend, Stream
 from gateway.service.keys import ApiKeys
 from gateway.service.local import LocalBackend
-from gateway.service.remote import RemoteBackend
 
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
@@ -447,18 +445,6 @@ def _estimate(weights_bytes: int, memory: dict[str, Any]) -> int:
     return int(weights_bytes * memory["estimate_factor"])
 
 
-async def connect(settings: Settings, server_only: bool = False) -> Service:
-    """The service for a client beside (or instead of) a server: the running server's workers
-    when one answers on the configured address, else a pool of its own (or, `server_only`,
-    an error saying to start a server: a pool that ends with the command is no use)."""
-    url = await running_server(settings)
-    if url is None and server_only:
-        raise errors.ModelUnavailable(
-            "No mlx-manager server is running here; start one with `mlx-manager serve`."
-        )
-    return Service(settings, RemoteBackend(settings, url) if url else None)
-
-
 def _since(text: str | None) -> str | None:
     """A window's start in the request log's time format, from "90m", "24h", "7d" or an
     ISO 8601 time."""
@@ -507,17 +493,3 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-async def running_server(settings: Settings) -> str | None:
-    """The base URL of an mlx-manager server on the configured host and port, if one runs."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}"
-    try:
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            r = await client.get(url + "/health")
-        if r.status_code == 200 and r.json().get("service") == "mlx-manager":
-            return url
-    except (httpx.HTTPError, ValueError, AttributeError):
-        pass
-    return None
