@@ -183,9 +183,18 @@ class Store:
                 raise DatabaseFull(self.path.parent) from e
             raise
 
-    def data_version(self) -> int:
-        """Changes when another connection commits: a cheap 'has anything changed?'."""
-        return self.db.execute("PRAGMA data_version").fetchone()[0]
+    def version(self) -> tuple[int, ...]:
+        """Changes whenever any connection, in any process, commits (in WAL mode a commit
+        writes the -wal file, a checkpoint the database file): a 'has anything changed?' that
+        costs two stat calls, not a query."""
+        stamp: list[int] = []
+        for path in (self.path, Path(f"{self.path}-wal")):
+            try:
+                st = os.stat(path)
+                stamp += [st.st_mtime_ns, st.st_size]
+            except FileNotFoundError:
+                stamp += [0, 0]
+        return tuple(stamp)
 
     # Profiles -------------------------------------------------------------------------------
 

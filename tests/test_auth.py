@@ -161,6 +161,30 @@ def test_the_check_compares_every_key_whatever_matches(
     assert counts == [4] * len(presented)  # all 3 stored keys and the env key, every time
 
 
+def test_checking_a_key_runs_no_query_until_the_keys_change(tmp_path: Path) -> None:
+    """Auth runs on every request: it reads the key table only when the database changed
+    (a key made or revoked by another process applies at once), never on a request's path."""
+    settings = load_settings({"home": str(tmp_path)}, environ={})
+    store = Store(settings.db_path)
+    keys = ApiKeys(store, settings)
+    made = keys.create("a")["key"]
+    assert keys.check(made) == "a"  # the table is read once
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    for _ in range(50):
+        assert keys.required() and keys.check(made) == "a" and keys.check("nope") is None
+    assert not statements, statements
+    other = ApiKeys(Store(settings.db_path), settings)  # `keys create` in another process
+    later = other.create("b")["key"]
+    statements.clear()
+    assert keys.check(later) == "b"  # at once
+    assert any("api_keys" in s for s in statements)  # read again, once
+    statements.clear()
+    for _ in range(20):
+        keys.check(later)
+    assert not statements
+
+
 def test_loopback_detection() -> None:
     for host in ("127.0.0.1", "127.8.9.10", "localhost", "::1", "[::1]"):
         assert is_loopback(host), host

@@ -44,7 +44,7 @@ class ApiKeys:
         if settings.api_key:
             self._fixed.append((digest(settings.api_key), ENV_KEY_NAME))
         self._stored: list[tuple[bytes, str]] = []
-        self._version: int | None = None
+        self._version: tuple[int, ...] | None = None
         self._touched: dict[str, float] = {}
 
     # Management (the CLI) -------------------------------------------------------------------
@@ -106,8 +106,9 @@ class ApiKeys:
         return True
 
     def _table(self) -> builtins.list[tuple[bytes, str]]:
-        # Re-read only when another connection committed (a `keys create` in another process).
-        version = self.store.data_version()
+        # Re-read only when the database changed (a `keys create` in another process): no
+        # query on the request's path.
+        version = self.store.version()
         if version != self._version:
             self._stored = [(bytes.fromhex(r["hash"]), r["name"]) for r in self.store.api_keys()]
             self._version = version
