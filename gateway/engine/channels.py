@@ -14,11 +14,18 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
 
 # ("content", text) | ("reasoning", text) | ("tool_start", name) | ("tool_args", json_text)
 # A call is a "tool_start" then its arguments in one or more "tool_args" pieces.
-Part = tuple[str, ...]
+class Part(NamedTuple):
+    """A piece of output for one channel: content, reasoning, tool_start (a call's name) or
+    tool_args (more of its arguments)."""
+
+    kind: str
+    text: str
+
 
 # The start of a JSON call, up to its arguments' first character: {"name": "...", "arguments":
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
@@ -117,7 +124,7 @@ class ChannelSplitter:
             header = _HEADER.match(body)
             if header is None:
                 return False
-            parts.append(("tool_start", json.loads(f'"{header.group(1)}"')))
+            parts.append(Part("tool_start", json.loads(f'"{header.group(1)}"')))
             self.call_open, self.args_at, self.args_sent = True, header.end(), 0
             self.tool_calls += 1
         args = body[self.args_at :]
@@ -127,7 +134,7 @@ class ChannelSplitter:
         else:
             args = args[: _CLOSING.search(args).start()]  # type: ignore[union-attr]
         if len(args) > self.args_sent:
-            parts.append(("tool_args", args[self.args_sent :]))
+            parts.append(Part("tool_args", args[self.args_sent :]))
             self.args_sent = len(args)
         return True
 
@@ -145,18 +152,18 @@ class ChannelSplitter:
             self._emit("content", start + body + (end if closed else ""), parts)
             return
         for name, arguments in calls:
-            parts.append(("tool_start", name))
-            parts.append(("tool_args", arguments))
+            parts.append(Part("tool_start", name))
+            parts.append(Part("tool_args", arguments))
             self.tool_calls += 1
 
     @staticmethod
     def _emit(channel: str, text: str, parts: list[Part]) -> None:
         if not text:
             return
-        if parts and parts[-1][0] == channel:
-            parts[-1] = (channel, parts[-1][1] + text)
+        if parts and parts[-1].kind == channel:
+            parts[-1] = Part(channel, parts[-1].text + text)
         else:
-            parts.append((channel, text))
+            parts.append(Part(channel, text))
 
 
 def _parse(parse_tool: Callable[[str], Any], body: str) -> list[tuple[str, str]] | None:

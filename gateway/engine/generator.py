@@ -385,18 +385,20 @@ class Engine:
         assert seq.channels is not None
         reasoned = False
         for part in seq.channels.feed(text, final):
-            if part[0] == "content":
-                events.append(Text(seq.rid, part[1], lp))
+            if part.kind == "content":
+                events.append(Text(seq.rid, part.text, lp))
                 lp = None
-            elif part[0] == "reasoning":
-                events.append(Reasoning(seq.rid, part[1]))
+            elif part.kind == "reasoning":
+                events.append(Reasoning(seq.rid, part.text))
                 reasoned = True
-            elif part[0] == "tool_start":
+            elif part.kind == "tool_start":
                 seq.tool_calls_sent += 1
                 if seq.parallel_tool_calls or seq.tool_calls_sent == 1:
-                    events.append(ToolCallStart(seq.rid, f"call_{uuid.uuid4().hex[:24]}", part[1]))
+                    events.append(
+                        ToolCallStart(seq.rid, f"call_{uuid.uuid4().hex[:24]}", part.text)
+                    )
             elif seq.parallel_tool_calls or seq.tool_calls_sent == 1:
-                events.append(ToolCallArgs(seq.rid, part[1]))
+                events.append(ToolCallArgs(seq.rid, part.text))
         seq.reasoning_tokens += reasoned  # a token whose text went (partly) to reasoning
 
     def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
