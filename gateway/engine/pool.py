@@ -517,38 +517,7 @@ class ModelPool:
         return sum(s.memory for s in self.slots.values())
 
     def slot_status(self, slot: Slot) -> dict[str, Any]:
-        now = time.time()
-        handle = slot.handle
-        ttl = self._ttl(slot)
-        ttl_left = None
-        if slot.state == "ready" and slot.idle and ttl is not None:
-            ttl_left = round(max(0.0, slot.last_used + ttl - now), 3)
-        return {
-            "model": slot.model.id,
-            "path": str(slot.model.path),
-            "state": slot.state,
-            "pid": handle.pid if handle else None,
-            "pinned": slot.pinned,
-            "memory_bytes": slot.memory,
-            "estimated_bytes": slot.estimate,
-            "uptime_seconds": round(now - slot.loaded_at, 3) if slot.loaded_at else None,
-            "idle_seconds": round(now - slot.last_used, 3) if slot.active == 0 else 0.0,
-            "ttl_seconds": ttl,
-            "ttl_remaining_seconds": ttl_left,
-            "in_flight": slot.active,
-            "queued": self.queue_depth(slot),
-            "requests_served": slot.served,
-            "loads": slot.loads,
-            "crashes": slot.crashes,
-            "stalls": slot.stalls,
-            # Seconds since the worker last spoke (its heartbeat comes every second).
-            "silent_seconds": round(handle.silent_seconds, 3) if handle else None,
-            "worker_active": handle.worker_active if handle else 0,
-            "generated_tokens": handle.generated_tokens if handle else 0,
-            "tokens_per_second": round(handle.tokens_per_second, 1) if handle else 0.0,
-            "context_length": handle.info.get("context_length") if handle else None,
-            "error": slot.error,
-        }
+        return slot.status(self._ttl(slot), self.queue_depth(slot))
 
     def snapshot(self) -> dict[str, Any]:
         """Every model's status (unloaded ones too), the budget and what is used of it: what

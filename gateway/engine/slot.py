@@ -129,3 +129,38 @@ class Slot:
     @property
     def idle(self) -> bool:
         return self.active == 0 and not self.waiters
+
+    def status(self, ttl: float | None, queued: int) -> dict[str, Any]:
+        """This model's row in /admin/workers, `ps` and the metrics; `ttl` is its idle TTL
+        (None: forever), `queued` the requests waiting for it."""
+        now = time.time()
+        handle = self.handle
+        ttl_left = None
+        if self.state == "ready" and self.idle and ttl is not None:
+            ttl_left = round(max(0.0, self.last_used + ttl - now), 3)
+        return {
+            "model": self.model.id,
+            "path": str(self.model.path),
+            "state": self.state,
+            "pid": handle.pid if handle else None,
+            "pinned": self.pinned,
+            "memory_bytes": self.memory,
+            "estimated_bytes": self.estimate,
+            "uptime_seconds": round(now - self.loaded_at, 3) if self.loaded_at else None,
+            "idle_seconds": round(now - self.last_used, 3) if self.active == 0 else 0.0,
+            "ttl_seconds": ttl,
+            "ttl_remaining_seconds": ttl_left,
+            "in_flight": self.active,
+            "queued": queued,
+            "requests_served": self.served,
+            "loads": self.loads,
+            "crashes": self.crashes,
+            "stalls": self.stalls,
+            # Seconds since the worker last spoke (its heartbeat comes every second).
+            "silent_seconds": round(handle.silent_seconds, 3) if handle else None,
+            "worker_active": handle.worker_active if handle else 0,
+            "generated_tokens": handle.generated_tokens if handle else 0,
+            "tokens_per_second": round(handle.tokens_per_second, 1) if handle else 0.0,
+            "context_length": handle.info.get("context_length") if handle else None,
+            "error": self.error,
+        }
