@@ -84,6 +84,15 @@ def admin(server: Server, action: str, **body: Any) -> httpx.Response:
     return httpx.post(f"{server.url}/admin/{action}", json=body, timeout=120)
 
 
+def _cmdline(process: psutil.Process) -> str:
+    """A child's command line; empty for one that has exited meanwhile (a zombie holds no
+    model), instead of an exception that would end the watch and let it under-count."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 class Watch:
     """Samples the server's loaded models and worker processes in the background, to check a
     limit was never exceeded while something ran."""
@@ -99,7 +108,7 @@ class Watch:
         me = psutil.Process(self.server.proc.pid)
         while not self._stop.is_set():
             self.max_loaded = max(self.max_loaded, len(loaded(self.server)))
-            workers = [p for p in me.children() if "gateway.engine.worker" in " ".join(p.cmdline())]
+            workers = [p for p in me.children() if "gateway.engine.worker" in _cmdline(p)]
             self.max_processes = max(self.max_processes, len(workers))
 
     def __enter__(self) -> Watch:
@@ -395,7 +404,7 @@ def test_no_worker_outlives_the_gateway(models: Models, tmp_path: Path, sig: int
         for model in ("tiny-a", "tiny-b"):
             ask(server, model)
         me = psutil.Process(server.proc.pid)
-        children = [p for p in me.children() if "gateway.engine.worker" in " ".join(p.cmdline())]
+        children = [p for p in me.children() if "gateway.engine.worker" in _cmdline(p)]
         assert len(children) == 3  # two models and the warm spare
         server.proc.send_signal(sig)
         server.proc.wait(30)
