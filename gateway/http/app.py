@@ -64,7 +64,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, service: Service, mcp: MCPServer | None = None) -> Starlette:
     """The HTTP face over `service`, with an MCP server's streamable HTTP transport at /mcp
-    (the composition root, gateway/cli.py, builds the two faces over one service)."""
+    (the composition root, gateway/cli/serve.py, builds the two faces over one service)."""
     policy = host_policy(settings)
     mcp_app = None
     if mcp is not None:
