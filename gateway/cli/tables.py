@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gateway.units import format_bytes
+
 
 def table(result: Any) -> str:
     """Rows of dicts as an aligned table; anything else as key: value lines."""
@@ -34,12 +36,7 @@ def cell(value: Any) -> str:
 
 
 def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    return "-" if n is None else format_bytes(n)
 
 
 def duration(seconds: float | None) -> str:
