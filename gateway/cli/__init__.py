@@ -11,6 +11,7 @@ from gateway.cli.models import cmd_load, cmd_models, cmd_pull, cmd_rm, cmd_searc
 from gateway.cli.monitor import cmd_logs, cmd_ps, cmd_usage
 from gateway.cli.profiles import PROFILE_FIELDS, cmd_profiles
 from gateway.cli.serve import cmd_mcp, cmd_serve
+from gateway.service.service import USAGE_GROUPS
 
 
 def _positive(text: str) -> float:
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.set_defaults(func=cmd_logs)
     usage = client("usage", "usage from the request log, per model or API key")
     usage.add_argument("--since", default="24h", help="window: '1h', '7d' or an ISO time")
-    usage.add_argument("--by", choices=["model", "key", "model,key", "total"], default="model")
+    usage.add_argument("--by", choices=list(USAGE_GROUPS), default="model")
     usage.set_defaults(func=cmd_usage)
     load = client("load", "load a model on the running server")
     load.add_argument("name")

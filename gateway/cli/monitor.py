@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.cli.run import interruptible, run
 from gateway.cli.tables import Column, cell, duration, shown, size, table
-from gateway.service.service import Service
+from gateway.service.service import USAGE_GROUPS, Service
 
 PS_COLUMNS: dict[str, Column] = {
     "model": ("MODEL", str),
@@ -162,8 +162,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         stats = await service.usage_stats(args.since, args.by)
         if args.json:
             return stats
-        groups = {"model": ["model"], "key": ["key_name"], "model,key": ["model", "key_name"]}
-        total = {**dict.fromkeys(groups.get(args.by, []), "(all)"), **stats["total"]}
+        total = {**dict.fromkeys(USAGE_GROUPS[args.by], "(all)"), **stats["total"]}
         return f"since {stats['since']}\n" + table([*stats["rows"], total])
 
     return run(args, usage)
