@@ -9,7 +9,7 @@ from config.settings import SettingsError
 from gateway.cli.keys import cmd_keys
 from gateway.cli.models import cmd_load, cmd_models, cmd_pull, cmd_rm, cmd_search, cmd_unload
 from gateway.cli.monitor import cmd_logs, cmd_ps, cmd_usage
-from gateway.cli.profiles import PROFILE_FIELDS, cmd_profiles
+from gateway.cli.profiles import add_field_options, cmd_profiles
 from gateway.cli.serve import cmd_mcp, cmd_serve
 from gateway.service.service import USAGE_GROUPS
 
@@ -107,10 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "action", choices=["list", "show", "create", "update", "delete"], nargs="?", default="list"
     )
     profiles.add_argument("name", nargs="?")
-    for field, kind in PROFILE_FIELDS.items():
-        profiles.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind)
-    profiles.add_argument("--alias", action="append", help="an alias (repeatable)")
-    profiles.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None)
+    add_field_options(profiles)
     profiles.set_defaults(func=cmd_profiles)
     keys = client("keys", "create, list or revoke API keys")
     keys.add_argument("action", choices=["create", "list", "revoke"], nargs="?", default="list")
