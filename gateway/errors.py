@@ -23,14 +23,14 @@ class ServiceError(Exception):
         return {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body, the one shape every HTTP error answer has (from_body reads it)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class InvalidRequest(ServiceError):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from gateway.catalog.profiles import FIELDS, Profile
 from gateway.errors import ServiceError
 from gateway.fields import Temperature, Tokens
-from gateway.service.service import Service
+from gateway.service.service import USAGE_GROUPS, Service
 
 PROFILE_FIELDS = {"name", *FIELDS}
 
@@ -302,8 +302,11 @@ def build_mcp(service: Service) -> MCPServer:
             str, Field(description="Window back from now ('1h', '24h', '7d') or ISO time.")
         ] = "24h",
         by: Annotated[
-            Literal["model", "key", "model,key", "total"],
-            Field(description="Group per model, per API key, both, or only the total."),
+            str,
+            Field(
+                description="Group per model, per API key, both, or only the total.",
+                json_schema_extra={"enum": list(USAGE_GROUPS)},  # the service checks it
+            ),
         ] = "model",
     ) -> dict[str, Any]:
         """Usage over a window from the request log: requests, errors, cancelled, prompt,

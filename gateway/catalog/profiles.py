@@ -34,25 +34,11 @@ log = logging.getLogger("mlx_manager")
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^\S(.*\S)?$")]
 
-FIELDS = (
-    "model",
-    "aliases",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "context_length",
-    "system_prompt",
-    "ttl",
-    "pinned",
-    "description",
-    "reasoning_format",
-    "tool_parser",
-)
-
 
 class Profile(BaseModel):
     """A profile's fields, their bounds and descriptions: the one schema that the HTTP admin
-    API, the MCP tools (their parameters are these fields) and the CLI validate against."""
+    API, the MCP tools (their parameters are these fields), the CLI (its options are these
+    fields) and the store's profiles table (a column per field) follow."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -91,6 +77,10 @@ class Profile(BaseModel):
         if v is not None and v not in known:
             raise ValueError(f"unknown tool parser; mlx-lm has: {', '.join(known)}")
         return v
+
+
+# Every field but the name, in the model's order: what can be set, changed and cleared.
+FIELDS = tuple(f for f in Profile.model_fields if f != "name")
 
 
 @cache

@@ -47,6 +47,7 @@ from gateway.engine.slot import (
 from gateway.engine.stream import Generation
 from gateway.observe.logs import worker_log_path
 from gateway.observe.metrics import Metrics
+from gateway.units import format_bytes
 
 log = logging.getLogger("mlx_manager.pool")
 
@@ -72,10 +73,6 @@ class Lease:
 
 class LoadAbandoned(Exception):
     """Nobody waits for this load any more."""
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 class ModelPool:
@@ -274,7 +271,7 @@ class ModelPool:
         log.info(
             "%s ready: %s, %.2fs",
             slot.model.id,
-            _gb(slot.memory),
+            format_bytes(slot.memory),
             handle.info.get("load_seconds", 0),
         )
         self._grant(slot)
@@ -304,8 +301,9 @@ class ModelPool:
         need = slot.estimate
         if need > self.budget:
             raise errors.InsufficientMemory(
-                f"Model '{slot.model.id}' needs about {_gb(need)}, more than the whole memory "
-                f"budget of {_gb(self.budget)} (MLX_MANAGER_MEMORY_BUDGET). Nothing was unloaded."
+                f"Model '{slot.model.id}' needs about {format_bytes(need)}, more than the "
+                f"whole memory budget of {format_bytes(self.budget)} "
+                "(MLX_MANAGER_MEMORY_BUDGET). Nothing was unloaded."
             )
         drained: list[Slot] = []  # slots this load put in draining
         try:
@@ -348,8 +346,9 @@ class ModelPool:
             pinned_bytes = sum(s.memory for s in pinned)
             if pinned_bytes + need > self.budget or (limit is not None and len(pinned) >= limit):
                 raise errors.InsufficientMemory(
-                    f"Model '{slot.model.id}' needs about {_gb(need)}, but pinned models hold "
-                    f"{_gb(pinned_bytes)} of the {_gb(self.budget)} budget"
+                    f"Model '{slot.model.id}' needs about {format_bytes(need)}, but pinned "
+                    f"models hold {format_bytes(pinned_bytes)} of the "
+                    f"{format_bytes(self.budget)} budget"
                     + (f" and the limit is {limit} loaded models" if limit else "")
                     + ". Unload a pinned model or raise the budget."
                 )

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from config.settings import Settings
-from gateway.errors import ServiceError
+from gateway.errors import ServiceError, error_body
 from gateway.http import admin, v1
 from gateway.http.middleware import (
     AuthMiddleware,
@@ -53,26 +53,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         else f"{exc.detail} ({request.method} {request.url.path})."
     )
     _note_error(request, message)
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = {
-        "error": {
-            "message": f"Internal error: {type(exc).__name__}. See the server log.",
-            "type": "server_error",
-            "param": None,
-            "code": None,
-        }
-    }
-    return JSONResponse(body, status_code=500)
+    message = f"Internal error: {type(exc).__name__}. See the server log."
+    return JSONResponse(error_body(message, "server_error"), status_code=500)
 
 
 def create_app(settings: Settings, service: Service, mcp: MCPServer | None = None) -> Starlette:
     """The HTTP face over `service`, with an MCP server's streamable HTTP transport at /mcp
-    (the composition root, gateway/cli.py, builds the two faces over one service)."""
+    (the composition root, gateway/cli/serve.py, builds the two faces over one service)."""
     policy = host_policy(settings)
     mcp_app = None
     if mcp is not None:

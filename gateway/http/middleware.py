@@ -27,6 +27,7 @@ from gateway.errors import (
 from gateway.http.origins import HostPolicy
 from gateway.observe.requestlog import RequestRecord, new_request_id
 from gateway.service.keys import ApiKeys
+from gateway.units import format_bytes
 
 log = logging.getLogger("mlx_manager")
 
@@ -225,16 +226,9 @@ class BodyLimitMiddleware:
     def _error(self, size: int, more: bool = False) -> PayloadTooLarge:
         over = "more than " if more else ""
         return PayloadTooLarge(
-            f"The request body is {over}{_size(size)}; this server accepts at most "
-            f"{_size(self.max_bytes)} (MLX_MANAGER_MAX_BODY_BYTES)."
+            f"The request body is {over}{format_bytes(size)}; this server accepts at most "
+            f"{format_bytes(self.max_bytes)} (MLX_MANAGER_MAX_BODY_BYTES)."
         )
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
 
 
 class BodyDeadlineMiddleware:

@@ -39,7 +39,13 @@ from gateway.service.local import LocalBackend
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
 PROGRESS_INTERVAL = 0.5
-USAGE_GROUPS = {"model": ("model",), "key": ("key_name",), "model,key": ("model", "key_name")}
+# usage_stats' `by` choices (every face offers these) and the request log columns each groups by.
+USAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "key": ("key_name",),
+    "model,key": ("model", "key_name"),
+    "total": (),
+}
 
 
 class Service:
@@ -298,14 +304,14 @@ class Service:
     async def usage_stats(self, since: str | None = "24h", by: str = "model") -> dict[str, Any]:
         """Requests, errors, tokens, latency and decode speed from the request log, per model,
         per API key or both, over a window (`since`: "1h", "7d", or an ISO time)."""
-        if by not in USAGE_GROUPS and by != "total":
+        if by not in USAGE_GROUPS:
             raise errors.InvalidRequest(
-                f"by must be one of {', '.join([*USAGE_GROUPS, 'total'])}, not {by!r}.",
+                f"by must be one of {', '.join(USAGE_GROUPS)}, not {by!r}.",
                 param="by",
             )
         await self.backend.flush_requests()
         start = _since(since or "24h")
-        rows = self.store.usage(start, USAGE_GROUPS.get(by, ()))
+        rows = self.store.usage(start, USAGE_GROUPS[by])
         (total,) = self.store.usage(start, ())
         return {
             "since": start,
