@@ -237,6 +237,20 @@ def test_chat_tool(url: str) -> None:
     )
 
 
+def test_chat_tool_returns_reasoning_as_v1_does(url: str, client: openai.OpenAI) -> None:
+    """MCP `chat` takes the one generation path: the reasoning /v1 gives in reasoning_content
+    comes back in its own field, apart from the content, with the same usage."""
+    r = call(url, "chat", model="tiny-agent", messages=ASK_THINK, temperature=0, max_tokens=200)
+    v1 = client.chat.completions.create(
+        model="tiny-agent", messages=ASK_THINK, temperature=0, max_tokens=200
+    )
+    assert r["reasoning"] == THOUGHT == v1.choices[0].message.model_extra["reasoning_content"]
+    assert r["content"] == v1.choices[0].message.content and THOUGHT not in r["content"]
+    assert r["usage"]["completion_tokens"] == v1.usage.completion_tokens
+    assert r["usage"]["prompt_tokens"] == v1.usage.prompt_tokens
+    assert r["usage"]["reasoning_tokens"] > 0
+
+
 def test_system_info(url: str) -> None:
     info = call(url, "system_info")
     assert info["memory_total_bytes"] > info["memory_available_bytes"] > 0
@@ -332,6 +346,18 @@ def test_stdio_uses_the_running_server(models: Models, tmp_path: Path) -> None:
                 "chat", {"model": "tiny-d", "messages": HELLO, "max_tokens": 2}
             )
             assert 1 <= reply.structured_content["usage"]["completion_tokens"] <= 2
+            # Every answer comes from the server that owns the state: its loaded models, its
+            # downloads, and the memory factor it measured on the models it loaded.
+            status = httpx.get(server.url + "/admin/workers", timeout=10).json()
+            loaded = (await c.call_tool("list_loaded", {})).structured_content
+            assert [w["model"] for w in loaded["loaded"]] == [w["model"] for w in status["data"]]
+            assert loaded["estimate_factor"] == status["memory_estimate_factor"]
+            info = (await c.call_tool("model_info", {"model": "tiny-a"})).structured_content
+            weights = info["estimated_memory_bytes"] / status["memory_estimate_factor"]
+            assert abs(weights - _weights(models.path("tiny-a"))) <= 1
+            downloads = (await c.call_tool("list_downloads", {})).structured_content
+            served = httpx.get(server.url + "/admin/downloads", timeout=10).json()["data"]
+            assert downloads["downloads"] == served
 
         session(params, work)
         # The server loaded it and served the chat: its workers, not a second pool.
@@ -345,6 +371,10 @@ def test_stdio_uses_the_running_server(models: Models, tmp_path: Path) -> None:
         assert w["pid"] in {p.pid for p in me}
     finally:
         server.stop()
+
+
+def _weights(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def test_model_info_hints(url: str, server: Server, models: Models, tmp_path: Path) -> None:
