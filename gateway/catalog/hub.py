@@ -122,9 +122,12 @@ class Job:
 
 
 class Downloads:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, on_done: Callable[[], object] | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.on_done = on_done  # told when a model has arrived (the catalogue scans again)
         self.jobs: dict[str, Job] = {}  # by id; running ones also by repo in _active
         self._active: dict[str, Job] = {}
 
@@ -152,6 +155,8 @@ class Downloads:
             self.store.save_download(job.id, job.repo, "running")
             await asyncio.to_thread(self._fetch, job)
             job.status = "done"
+            if self.on_done is not None:
+                self.on_done()
         except Cancelled:
             job.status, job.error = "cancelled", "cancelled on request"
         except Exception as e:  # every failure is reported with its reason

@@ -42,7 +42,8 @@ class LocalBackend:
         self.pool = ModelPool(settings, catalog, self.metrics_registry)
         self.request_log = RequestLog(settings, store)
         self.metrics_registry.watch_dropped(self.request_log)
-        self.loader = Downloads(settings, store)
+        # A finished download (resumed at startup too) is a new local model at once.
+        self.loader = Downloads(settings, store, on_done=catalog.refresh)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, pinned: list[str]) -> None:
@@ -147,10 +148,7 @@ class LocalBackend:
     async def wait_download(
         self, job: dict[str, Any], progress: DownloadProgress | None
     ) -> dict[str, Any]:
-        result = await self.loader.wait(self.loader.get(job["id"]), progress)
-        if result["status"] == "done":
-            self.catalog.refresh()
-        return result
+        return await self.loader.wait(self.loader.get(job["id"]), progress)
 
     async def downloads(self) -> list[dict[str, Any]]:
         return self.loader.list()
