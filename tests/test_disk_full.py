@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import errno
 import re
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import Models
 from tests.server import Server, start_server
@@ -21,23 +18,6 @@ from tests.test_observability import scrape, value
 HELLO = [{"role": "user", "content": "hello world"}]
 ROWS_DROPPED = "mlx_manager_request_log_rows_dropped_total"
 LINES_DROPPED = "mlx_manager_log_lines_dropped_total"
-
-
-@pytest.fixture()
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    folder = tmp_path / "small-disk"
-    folder.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {mount.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
 
 
 def fill(folder: Path) -> Path:

@@ -285,30 +285,18 @@ def test_network_failure_is_reported(models: Models, tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_disk_full_is_reported(models: Models, hub: FakeHub, tmp_path: Path) -> None:
-    import subprocess
-
-    small = tmp_path / "small-disk"
-    small.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {mount.stderr.strip()}")
+def test_disk_full_is_reported(
+    models: Models, hub: FakeHub, tmp_path: Path, small_disk: Path
+) -> None:
+    srv = serve(models, hub, tmp_path, HF_HUB_CACHE=str(small_disk / "hf"))
     try:
-        srv = serve(models, hub, tmp_path, HF_HUB_CACHE=str(small / "hf"))
-        try:
-            # ~6 MB of weights on a 2 MB filesystem.
-            message = error(mcp(srv), "download_model", model="mlx-community/tiny-slow")
-            assert "disk full" in message and "free" in message
-            ids = {m["id"] for m in call(mcp(srv), "list_models")["models"]}
-            assert "mlx-community/tiny-slow" not in ids
-        finally:
-            srv.stop()
+        # ~6 MB of weights on a 2 MB filesystem.
+        message = error(mcp(srv), "download_model", model="mlx-community/tiny-slow")
+        assert "disk full" in message and "free" in message
+        ids = {m["id"] for m in call(mcp(srv), "list_models")["models"]}
+        assert "mlx-community/tiny-slow" not in ids
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        srv.stop()
 
 
 @pytest.mark.parametrize(
