@@ -508,10 +508,6 @@ class ModelPool:
             except errors.ServiceError as e:
                 log.error("could not preload %s: %s", name, e.message)
 
-    def is_loaded(self, resolved: Resolved) -> bool:
-        slot = self.slots.get(resolved.key)
-        return slot is not None and slot.state == "ready"
-
     def memory_used(self) -> int:
         return sum(s.memory for s in self.slots.values())
 

@@ -3,6 +3,7 @@ index in place of the request id, and its usage, kept as the events pass."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -45,8 +46,6 @@ class Generation:
         n: int = 1,
         on_close: Callable[[Generation], None] | None = None,
     ) -> None:
-        import asyncio
-
         self.handle = handle
         self._release = release  # gives the worker back to the pool (once: the pool's Lease)
         self.requests = requests

@@ -56,7 +56,6 @@ class RemoteBackend:
         key = client_key(settings)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(base_url=base_url, timeout=None, headers=headers)
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, pinned: list[str]) -> None:
         pass  # the server loads its pinned models itself

@@ -26,7 +26,7 @@ from config.settings import Settings, parse_duration
 from config.store import DatabaseFull, Store, timestamp
 from gateway import errors
 from gateway.catalog.hub import DownloadProgress, delete_from_cache, search
-from gateway.catalog.local import inspect_model
+from gateway.catalog.local import LocalModel, inspect_model
 from gateway.catalog.names import Catalog
 from gateway.catalog.profiles import Profiles
 from gateway.engine.request import GenerateRequest, GenerationRequest
@@ -101,15 +101,8 @@ class Service:
         """Every name a request can use, each once: local models, then profile names and
         aliases (`profile` says which profile, `model` what it serves)."""
         loaded = await self._loaded_paths()
-        entries: list[dict[str, Any]] = [
-            {
-                "id": m.id,
-                "created": m.created,
-                "loaded": str(m.path) in loaded,
-                "context_length": m.context_length,
-                "size_bytes": m.size_bytes,
-                "description": m.description,
-            }
+        entries = [
+            _model_entry(m.id, m, loaded)
             for m in self.catalog.models()
             if self.catalog.allowed(m.id)
         ]
@@ -127,22 +120,25 @@ class Service:
     async def name(self, name: str) -> dict[str, Any]:
         """What one name stands for, as names() lists it; an absolute path, which is usable
         but not listed, as its model. Unknown names are 404 with close matches."""
-        resolved = self.catalog.resolve(name)
-        for entry in await self.names():
-            if entry["id"] == name:
-                return entry
-        return {
-            "id": name,
-            "created": resolved.model.created,
-            "loaded": str(resolved.model.path) in await self._loaded_paths(),
-            "context_length": resolved.model.context_length,
-        }
+        resolved = self.catalog.resolve(name)  # the allow-list and shadowing, as names()
+        loaded = await self._loaded_paths()
+        profile = resolved.profile
+        if profile is not None:
+            model = resolved.model
+            return {
+                "id": name,
+                "profile": profile["name"],
+                "model": profile["model"],
+                "loaded": str(model.path) in loaded,
+            }
+        return _model_entry(name, resolved.model, loaded)
 
     async def model_info(self, name: str) -> dict[str, Any]:
         resolved = self.catalog.resolve(name)
         info = inspect_model(resolved.model)
-        info["loaded"] = str(resolved.model.path) in await self._loaded_paths()
-        memory = await self.memory()
+        status = await self.backend.workers()  # once: from a server, each look is a request
+        info["loaded"] = str(resolved.model.path) in _loaded(status)
+        memory = _memory(status)
         info["estimated_memory_bytes"] = _estimate(resolved.model.weights_bytes, memory)
         info["fits_memory_budget"] = info["estimated_memory_bytes"] <= memory["budget_bytes"]
         if resolved.profile is not None:
@@ -150,7 +146,7 @@ class Service:
         return info
 
     async def _loaded_paths(self) -> set[str]:
-        return {s["path"] for s in await self.list_loaded() if s["state"] == "ready"}
+        return _loaded(await self.backend.workers())
 
     # Hub --------------------------------------------------------------------------------------
 
@@ -352,12 +348,7 @@ class Service:
     async def memory(self) -> dict[str, Any]:
         """The budget, what loaded models use of it, and the factor that estimates a model's
         memory from its weights (measured on the models loaded so far)."""
-        status = await self.backend.workers()
-        return {
-            "budget_bytes": status["memory_budget_bytes"],
-            "used_bytes": status["memory_used_bytes"],
-            "estimate_factor": status["memory_estimate_factor"],
-        }
+        return _memory(await self.backend.workers())
 
     async def load(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
         return await _with_progress(self.backend.load(name), name, progress)
@@ -417,7 +408,8 @@ class Service:
 
     async def system_info(self) -> dict[str, Any]:
         vm = psutil.virtual_memory()
-        memory = await self.memory()
+        status = await self.backend.workers()
+        memory = _memory(status)
         apple = platform.system() == "Darwin" and platform.machine() == "arm64"
         return {
             "os": f"{platform.system()} {platform.release()}",
@@ -432,7 +424,7 @@ class Service:
             # (the same marker that picks mlx[cpu] at install time).
             "mlx_backend": "metal (gpu)" if apple else "cpu",
             "memory_budget": {k: v for k, v in memory.items() if k != "estimate_factor"},
-            "loaded_models": sum(s["state"] == "ready" for s in await self.list_loaded()),
+            "loaded_models": sum(s["state"] == "ready" for s in status["data"]),
         }
 
 
@@ -444,6 +436,35 @@ def _storage() -> Iterator[None]:
         yield
     except DatabaseFull as e:
         raise errors.DiskFull(str(e)) from None
+
+
+def _model_entry(name: str, model: LocalModel, loaded: set[str]) -> dict[str, Any]:
+    """A model as names() lists it; named by an absolute path (usable, not listed), without
+    its size and description."""
+    entry: dict[str, Any] = {
+        "id": name,
+        "created": model.created,
+        "loaded": str(model.path) in loaded,
+        "context_length": model.context_length,
+    }
+    if name == model.id:
+        entry |= {"size_bytes": model.size_bytes, "description": model.description}
+    return entry
+
+
+def _loaded(status: dict[str, Any]) -> set[str]:
+    """The folders of the models that are ready, from the backend's workers status."""
+    return {s["path"] for s in status["data"] if s["state"] == "ready"}
+
+
+def _memory(status: dict[str, Any]) -> dict[str, Any]:
+    """The budget, what loaded models use of it, and the factor that estimates a model's
+    memory from its weights, from the backend's workers status."""
+    return {
+        "budget_bytes": status["memory_budget_bytes"],
+        "used_bytes": status["memory_used_bytes"],
+        "estimate_factor": status["memory_estimate_factor"],
+    }
 
 
 def _estimate(weights_bytes: int, memory: dict[str, Any]) -> int:
