@@ -121,6 +121,10 @@ class Engine:
         except Exception as e:  # a template that rejects the messages, bad content, ...
             events.append(Failed(rid, "InvalidRequest", f"Could not build the prompt: {e}"))
             return
+        if req.get("count_only"):  # count_tokens: the prompt's length is the whole answer
+            events.append(Started(rid, len(prompt), 0))
+            events.append(Finished(rid, "stop", 0))
+            return
         limit = min(self.context_length, req.get("context_length") or self.context_length)
         if len(prompt) >= limit:
             events.append(
@@ -273,7 +277,9 @@ class Engine:
     def _tokenize(self, req: dict[str, Any]) -> list[int]:
         tok = self.tokenizer
         if req["kind"] == "chat":
-            extra = {"tools": req["tools"]} if req.get("tools") else {}
+            extra = dict(req.get("template_kwargs") or {})
+            if req.get("tools"):
+                extra["tools"] = req["tools"]
             ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True, **extra)
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         else:
@@ -357,7 +363,7 @@ class Engine:
             text, hit_stop = self._hold_back(
                 seq, seq.detokenizer.last_segment, final=r.finish_reason is not None
             )
-            final = r.finish_reason is not None or hit_stop
+            final = r.finish_reason is not None or hit_stop is not None
             lp = self._logprob(seq, r) if seq.logprobs else None
             if seq.channels is None:
                 if text or lp is not None:
@@ -367,11 +373,11 @@ class Engine:
             if r.finish_reason is not None and self.prompt_cache is not None:
                 if r.prompt_cache:
                     self.prompt_cache.insert_cache(KEY, list(r.all_tokens), r.prompt_cache)
-            reason = "stop" if hit_stop else r.finish_reason
+            reason = "stop" if hit_stop is not None else r.finish_reason
             if reason == "stop" and seq.channels is not None and seq.channels.tool_calls:
                 reason = "tool_calls"
             if reason is not None:
-                events.append(Finished(seq.rid, reason, seq.tokens, seq.reasoning_tokens))
+                events.append(Finished(seq.rid, reason, seq.tokens, seq.reasoning_tokens, hit_stop))
                 del self.seqs[r.uid]
                 del self.uid_of[seq.rid]
                 if r.finish_reason is None:
@@ -401,18 +407,19 @@ class Engine:
                 events.append(ToolCallArgs(seq.rid, part.text))
         seq.reasoning_tokens += reasoned  # a token whose text went (partly) to reasoning
 
-    def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached (never emitted)."""
+    def _hold_back(self, seq: _Sequence, text: str, final: bool) -> tuple[str, str | None]:
+        """Text safe to emit now, and the stop string reached, if one was (never emitted)."""
         if not seq.stops:
-            return text, False
+            return text, None
         buf = seq.pending + text
-        hits = [i for i in (buf.find(s) for s in seq.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in seq.stops) if i >= 0]
         if hits:
             seq.pending = ""
-            return buf[: min(hits)], True
+            at, stop = min(hits)
+            return buf[:at], stop
         if final:
             seq.pending = ""
-            return buf, False
+            return buf, None
         keep = 0  # the longest tail of buf that could still grow into a stop string
         for n in range(min(len(buf), seq.max_stop - 1), 0, -1):
             tail = buf[-n:]
@@ -420,7 +427,7 @@ class Engine:
                 keep = n
                 break
         seq.pending = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
+        return buf[: len(buf) - keep], None
 
     def _token_text(self, token: int) -> str:
         """A token's text for logprobs. A token holding part of a UTF-8 character decodes to

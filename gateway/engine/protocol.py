@@ -112,6 +112,7 @@ class Finished(NamedTuple):
     reason: str  # stop | length | tool_calls
     completion_tokens: int
     reasoning_tokens: int = 0  # of completion_tokens, those that went to reasoning
+    stop_sequence: str | None = None  # the request's stop string that ended it (reason stop)
 
 
 class Failed(NamedTuple):

@@ -38,6 +38,13 @@ class GenerationRequest:
     grammar: str | None = None  # llguidance grammar the output must follow (response_format)
     tool_grammar: str | None = None  # what a JSON tool call may be, once the model opens one
     ignore_eos: bool = False  # run to max_tokens even past end-of-sequence (benchmarks)
+    # Extra variables for the chat template (vLLM's `chat_template_kwargs`).
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Thinking on (True) or off (False), through the model's own switch where its template has
+    # one; None: the profile's choice, else the model's default.
+    thinking: bool | None = None
+    reasoning_budget: int | None = None  # most reasoning tokens; then the think block closes
+    count_only: bool = False  # build and count the prompt, generate nothing (count_tokens)
 
     def with_defaults(
         self, profile: dict[str, Any] | None, default_max_tokens: int | None
@@ -63,6 +70,8 @@ class GenerationRequest:
             context_length=pick(self.context_length, "context_length", None),
             reasoning=pick(self.reasoning, "reasoning_format", "separate"),
             tool_parser=pick(self.tool_parser, "tool_parser", None),
+            thinking=pick(self.thinking, "thinking", None),
+            reasoning_budget=pick(self.reasoning_budget, "reasoning_budget", None),
         )
 
     def payload(self) -> dict[str, Any]:
@@ -94,3 +103,4 @@ class Choice:
     logprobs: list[Logprob] = field(default_factory=list)
     reasoning: str = ""
     tool_calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments]
+    stop_sequence: str | None = None  # the stop string that ended it, if one did

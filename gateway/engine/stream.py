@@ -173,6 +173,7 @@ class Generation:
                 c.tool_calls[-1][2] += ev.text
             elif isinstance(ev, Finished):
                 c.finish_reason, c.completion_tokens = ev.reason, ev.completion_tokens
+                c.stop_sequence = ev.stop_sequence
         for c, p in zip(choices, parts, strict=True):
             c.text = "".join(p)
         return choices

@@ -13,11 +13,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from config.settings import Settings
-from gateway.errors import ServiceError, error_body
+from gateway.errors import ServiceError
 from gateway.http import admin, v1
+from gateway.http.errorshape import error_response
 from gateway.http.middleware import (
     AuthMiddleware,
     BodyDeadlineMiddleware,
@@ -38,28 +39,37 @@ def _note_error(request: Request, message: str) -> None:
         record.error = message
 
 
+def _request_id(request: Request) -> str | None:
+    record = getattr(request.state, "record", None)
+    return record.request_id if record is not None else None
+
+
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     _note_error(request, exc.message)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return error_response(request.url.path, exc, _request_id(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
     message = (
         f"Unknown path {request.method} {request.url.path}."
         if exc.status_code == 404
         else f"{exc.detail} ({request.method} {request.url.path})."
     )
     _note_error(request, message)
-    return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
+    error = ServiceError(message)
+    error.status = exc.status_code
+    error.type = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    response = error_response(request.url.path, error, _request_id(request))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    message = f"Internal error: {type(exc).__name__}. See the server log."
-    return JSONResponse(error_body(message, "server_error"), status_code=500)
+    error = ServiceError(f"Internal error: {type(exc).__name__}. See the server log.")
+    return error_response(request.url.path, error, _request_id(request))
 
 
 def create_app(settings: Settings, service: Service, mcp: MCPServer | None = None) -> Starlette:

@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Callable
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import (
@@ -24,16 +23,15 @@ from gateway.errors import (
     ServiceError,
     Unauthorized,
 )
+from gateway.http.errorshape import error_response
 from gateway.http.origins import HostPolicy
-from gateway.observe.requestlog import RequestRecord, new_request_id
+from gateway.observe.requestlog import GENERATION_ENDPOINTS, RequestRecord, new_request_id
 from gateway.service.keys import ApiKeys
 from gateway.units import format_bytes
 
 log = logging.getLogger("mlx_manager")
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
-# Requests that occupy a model; the per-key concurrency limit counts these.
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 # A request id a client may choose itself (to find its request in the logs).
@@ -92,8 +90,8 @@ async def _reject(exc: ServiceError, scope: Scope, receive: Receive, send: Send)
     record = scope.get("state", {}).get("record")
     if record is not None:
         record.error = exc.message
-    response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-    await response(scope, receive, send)
+    request_id = record.request_id if record is not None else None
+    await error_response(scope["path"], exc, request_id)(scope, receive, send)
 
 
 class OriginMiddleware:
@@ -171,7 +169,8 @@ class AuthMiddleware:
         scope.setdefault("state", {})["api_key"] = name
         if self.keys.touch(name):
             asyncio.get_running_loop().run_in_executor(None, self._touch, name)
-        if scope["path"] not in GENERATION_PATHS or not self.limit:
+        # Requests that occupy a model; the per-key concurrency limit counts these.
+        if scope["path"] not in GENERATION_ENDPOINTS or not self.limit:
             await self.app(scope, receive, send)
             return
         if self.in_flight[name] >= self.limit:

@@ -25,7 +25,17 @@ from gateway.observe.usage import Usage
 log = logging.getLogger("mlx_manager")
 
 # Requests that generate: these are logged to the database and counted in the metrics.
-GENERATION_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "mcp:chat"})
+GENERATION_ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+        "mcp:chat",
+    }
+)
 CANCELLED = 499  # the client went away before the answer ended (nginx's convention)
 FLUSH_SECONDS = 0.25
 MAX_PENDING = 10_000  # rows waiting for the disk; beyond, the oldest are dropped (and said so)

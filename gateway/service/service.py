@@ -15,6 +15,7 @@ import platform
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -363,6 +364,15 @@ class Service:
         limits, wait for a worker and start. The stream yields typed events (engine/protocol.py)
         and then its usage; `record` is filled once, by whoever serves it."""
         return await self.backend.generate(request, record)
+
+    async def count_tokens(self, request: GenerateRequest, record: RequestRecord) -> int:
+        """The prompt tokens that generating `request` would report (its first choice), counted
+        by the model's own worker and template: nothing is generated."""
+        first = replace(request.choices[0], count_only=True, max_tokens=None)
+        counted = replace(request, choices=[first], n=1, stream=False)
+        stream = await self.generate(counted, record)
+        await stream.collect()
+        return stream.usage.prompt_tokens
 
     async def chat(
         self,
