@@ -14,6 +14,27 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0
 OPENAI_DEFAULT_TOP_P = 1.0
 
 
+# OpenAI's reasoning efforts as a thinking switch and a budget of reasoning tokens (Responses'
+# `reasoning.effort`, Chat Completions' `reasoning_effort`): "none" turns thinking off, "high"
+# leaves it unbounded.
+EFFORT_BUDGETS: dict[str, int | None] = {
+    "minimal": 256,
+    "low": 1024,
+    "medium": 4096,
+    "high": None,
+    "xhigh": None,
+}
+
+
+def effort(name: str | None) -> tuple[bool | None, int | None]:
+    """(thinking, reasoning_budget) for a reasoning effort; (None, None) when none was given."""
+    if name is None:
+        return None, None
+    if name == "none":
+        return False, None
+    return True, EFFORT_BUDGETS.get(name)
+
+
 @dataclass
 class GenerationRequest:
     kind: Literal["chat", "completion"]
