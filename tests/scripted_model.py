@@ -61,7 +61,7 @@ def build_scripted_model(path: Path, answer: str = ANSWER) -> Path:
     from mlx_lm import load
 
     build_model(path, SPEC, texts=(answer, *agent_texts()))
-    model, tokenizer = load(str(path))
+    model, tokenizer = load(str(path))[:2]
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
         for t in ("hi", "a longer question, with words.")
