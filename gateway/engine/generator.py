@@ -139,7 +139,7 @@ class Engine:
             # A call forced on a model that has no call format: the output is the call's JSON.
             call_only = bool(req.get("tools")) and req.get("tool_choice") == "required"
             call_only = call_only and tool_format is None
-            prompt = self._tokenize(req, call_only)
+            prompt = self._tokenize(req, call_only, native=tool_format is not None)
         except Exception as e:  # a template that rejects the messages, bad content, ...
             events.append(Failed(rid, "InvalidRequest", f"Could not build the prompt: {e}"))
             return
@@ -327,10 +327,12 @@ class Engine:
             )
         return self.lltok
 
-    def _tokenize(self, req: dict[str, Any], call_only: bool = False) -> list[int]:
+    def _tokenize(
+        self, req: dict[str, Any], call_only: bool = False, native: bool = True
+    ) -> list[int]:
         tok = self.tokenizer
         if req["kind"] == "chat":
-            ids = self._chat_prompt(req, call_only)
+            ids = self._chat_prompt(req, call_only, native)
         else:
             ids = tok.encode(req.get("prompt") or "")
         if not ids and tok.bos_token_id is not None:
@@ -339,9 +341,10 @@ class Engine:
             raise ValueError("the prompt is empty")
         return ids
 
-    def _chat_prompt(self, req: dict[str, Any], call_only: bool) -> list[int]:
+    def _chat_prompt(self, req: dict[str, Any], call_only: bool, native: bool) -> list[int]:
         """The chat template applied to the request's messages, with its tools, its thinking
-        switch and its extra template variables (which win over the switch)."""
+        switch and its extra template variables (which win over the switch). `native`: the
+        model has a tool-call format, and its template always gets the tools."""
         extra: dict[str, Any] = {}
         thinking = req.get("thinking")
         if thinking is None and req.get("reasoning_budget") == 0:
@@ -351,7 +354,7 @@ class Engine:
         extra.update(req.get("template_kwargs") or {})
         messages = req["messages"]
         tools = req.get("tools")
-        if tools and self._shows_tools():
+        if tools and (native or self._shows_tools()):
             extra["tools"] = tools
         elif tools and call_only:
             # The template would not show the tools: the model learns them from the
