@@ -114,6 +114,12 @@ def create_request_log(db: sqlite_utils.Database) -> None:
     db.table("requests").create_index(["model", "time"])
 
 
+@migrations()
+def add_profile_thinking_fields(db: sqlite_utils.Database) -> None:
+    db.table("profiles").add_column("thinking", int)  # 1 on, 0 off, NULL the model's default
+    db.table("profiles").add_column("reasoning_budget", int)  # most reasoning tokens
+
+
 REQUEST_COLUMNS = (
     "id, request_id, time, endpoint, model, profile, key_name, status, error, stream, "
     "finish_reason, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms"
@@ -384,6 +390,8 @@ def _profile_row(row: dict[str, Any]) -> dict[str, Any]:
         aliases = []
     row["aliases"] = aliases
     row["pinned"] = bool(row.get("pinned"))
+    if row.get("thinking") is not None:  # stored as an integer
+        row["thinking"] = bool(row["thinking"])
     return row
 
 

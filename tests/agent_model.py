@@ -2,7 +2,9 @@
 tool call or a think block, so tests of those need a model trained to.
 
 The tokenizer has `<think>`, `</think>`, `<tool_call>` and `</tool_call>` as special tokens and
-a chat template in the Qwen style (tools, assistant tool calls, `tool` messages). mlx-lm infers
+a chat template in the Qwen style (tools, assistant tool calls, `tool` messages, and Qwen3's
+thinking switch: `enable_thinking` false puts an empty think block after the generation
+prompt). mlx-lm infers
 the `json_tools` tool parser and the think markers from them, as it does for real models. The
 model is trained, with mlx, on each scenario's exact prompt (rendered by that template from the
 messages the tests send) until greedy decoding reproduces every answer.
@@ -28,7 +30,15 @@ AGENT_TEMPLATE = (
     "{{ tool_call.arguments | tojson }}}</tool_call>{% endfor %}</s>\n"
     "{%- else %}<|{{ message.role }}|>\n{{ message.content }}</s>\n{% endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{%- if add_generation_prompt %}<|assistant|>\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# The template without its thinking switch: a model that thinks but cannot be told not to.
+SWITCHLESS_TEMPLATE = AGENT_TEMPLATE.replace(
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}",
+    "",
 )
 SPECIAL = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 
@@ -79,13 +89,17 @@ FINAL_ANSWER = "It is sunny in Paris."
 THOUGHT = "The user wants a plan."
 THINK_ANSWER = "Here is the plan."
 
-# (messages as the tests send them, tools or None, what the model must answer)
-SCENARIOS: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]] = [
-    (ASK_WEATHER, TOOLS, CALL_PARIS),
-    (ASK_TWO, TOOLS, CALL_PARIS + CALL_ROME),
-    (ASK_BROKEN, TOOLS, BROKEN_CALL),
-    (TOOL_RESULT, TOOLS, FINAL_ANSWER),
-    (ASK_THINK, None, f"<think>{THOUGHT}</think>{THINK_ANSWER}"),
+# (messages as the tests send them, tools or None, template variables, what the model must
+# answer)
+Scenario = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any], str]
+SCENARIOS: list[Scenario] = [
+    (ASK_WEATHER, TOOLS, {}, CALL_PARIS),
+    (ASK_TWO, TOOLS, {}, CALL_PARIS + CALL_ROME),
+    (ASK_BROKEN, TOOLS, {}, BROKEN_CALL),
+    (TOOL_RESULT, TOOLS, {}, FINAL_ANSWER),
+    (ASK_THINK, None, {}, f"<think>{THOUGHT}</think>{THINK_ANSWER}"),
+    # Thinking off: the prompt ends with an empty think block, and the answer follows.
+    (ASK_THINK, None, {"enable_thinking": False}, THINK_ANSWER),
 ]
 
 
@@ -106,14 +120,14 @@ def build_agent_model(path: Path, max_steps: int = 1000) -> Path:
     spec = ModelSpec(seed=7, description="weights overfit on a few fixed answers")
     # The answers and tool JSON join the tokenizer's corpus, so that they are few tokens: on
     # this CPU's reference BLAS a training step costs about its token count.
-    texts = tuple(s[2] for s in SCENARIOS) + tuple(json.dumps(t) for t in TOOLS)
+    texts = tuple(s[3] for s in SCENARIOS) + tuple(json.dumps(t) for t in TOOLS)
     texts += tuple(m["content"] for s in SCENARIOS for m in s[0] if m.get("content"))
     build_model(path, spec, SPECIAL, AGENT_TEMPLATE, texts)
     model, tokenizer = load(str(path))
 
     rows, masks = [], []
-    for messages, tools, answer in SCENARIOS:
-        extra = {"tools": tools} if tools else {}
+    for messages, tools, variables, answer in SCENARIOS:
+        extra = {"tools": tools, **variables} if tools else variables
         prompt = tokenizer.apply_chat_template(
             template_messages(messages), add_generation_prompt=True, **extra
         )
@@ -137,7 +151,8 @@ def build_agent_model(path: Path, max_steps: int = 1000) -> Path:
         loss, grads = step(model)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
-        if i % 25 == 24 and _all_greedy_right(model, tokens, mask):
+        # Checked often once it may be done: a check costs about a third of a step.
+        if i % 5 == 4 and i >= 19 and _all_greedy_right(model, tokens, mask):
             break
     else:
         raise RuntimeError(f"the agent model did not learn its answers (loss {loss.item():.4f})")

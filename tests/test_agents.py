@@ -36,7 +36,7 @@ IGNORE_EOS_USAGE: dict[str, Any] = {
 
 
 def ask(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) -> Any:
-    return client.chat.completions.create(model=AGENT, messages=messages, **{**GREEDY, **kw})
+    return client.chat.completions.create(**{"model": AGENT, "messages": messages, **GREEDY, **kw})
 
 
 def streamed(client: openai.OpenAI, messages: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:

@@ -16,9 +16,9 @@ def parse(body: str) -> dict[str, object]:
     return json.loads(body)
 
 
-def run(text: str, pieces: int, **kw: object) -> list[tuple[str, ...]]:
+def run(text: str, pieces: int, markers: Markers = MARKERS, **kw: object) -> list[tuple[str, ...]]:
     """Feed `text` in pieces of `pieces` characters; merge neighbouring parts of a channel."""
-    splitter = ChannelSplitter(MARKERS, parse, **kw)  # type: ignore[arg-type]
+    splitter = ChannelSplitter(markers, parse, **kw)  # type: ignore[arg-type]
     chunks = [text[i : i + pieces] for i in range(0, len(text), pieces)] or [""]
     out: list[tuple[str, ...]] = []
     for i, chunk in enumerate(chunks):
@@ -78,3 +78,15 @@ def test_arguments_as_json_text_and_lists_of_calls() -> None:
     assert splitter.tool_calls == 2
     bad_args = ChannelSplitter(MARKERS, lambda b: {"name": "a", "arguments": "[1]"})
     assert bad_args.feed("<tool_call>x</tool_call>", final=True)[0][0] == "content"
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 5, 1000])
+def test_an_output_that_is_one_call(pieces: int) -> None:
+    """A call forced on a model without a tool-call format: the whole output is the call's
+    JSON, no markers, its arguments streamed as written; cut off, it ends where the text did;
+    cut off before its name is known, it is the model's text."""
+    kw: dict[str, object] = {"markers": Markers(), "json_calls": True, "in_call": True}
+    call = '{"name": "f", "arguments": {"x": {"y": "}"}}}'
+    assert run(call, pieces, **kw) == [("tool_start", "f"), ("tool_args", '{"x": {"y": "}"}}')]
+    assert run(call[:-6], pieces, **kw) == [("tool_start", "f"), ("tool_args", '{"x": {"y":')]
+    assert run('{"name": "f', pieces, **kw) == [("content", '{"name": "f')]

@@ -37,6 +37,8 @@ EVERY_FIELD = {
     "description": "a test profile",
     "reasoning_format": "inline",
     "tool_parser": tool_parsers()[0],
+    "thinking": False,  # stored as 0: it must read back as False, not None or 0
+    "reasoning_budget": 64,
 }
 
 
@@ -50,6 +52,7 @@ def test_cli_profile_options_are_the_profile_fields() -> None:
     line += ["--context-length", "512", "--system-prompt", "Be brief.", "--ttl", "1.5"]
     line += ["--pinned", "--description", "a test profile", "--reasoning-format", "inline"]
     line += ["--tool-parser", str(EVERY_FIELD["tool_parser"])]
+    line += ["--no-thinking", "--reasoning-budget", "64"]
     assert given_fields(build_parser().parse_args(line)) == EVERY_FIELD
     # Left out: None, "leave it as it is"; --no-pinned is a value.
     unpinned = build_parser().parse_args(["profiles", "update", "p", "--no-pinned"])
@@ -76,6 +79,7 @@ def test_the_store_has_a_column_per_profile_field(tmp_path: Path) -> None:
     store.save_profile(Profile(name="p", **EVERY_FIELD).model_dump())
     saved = store.profile("p")
     assert saved is not None and {k: saved[k] for k in FIELDS} == EVERY_FIELD
+    assert saved["thinking"] is False and saved["pinned"] is True  # not 0 and 1
 
 
 def test_usage_groupings_come_from_the_service(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,36 @@ def think_markers(path: Path) -> tuple[str, str] | None:
     if all(t in vocab for t in ("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>")):
         return "<|open|>think<|sep|>", "<|close|>think<|sep|>"
     return None
+
+
+def template_text(template: Any) -> str:
+    """A chat template's source, however the tokenizer holds it: one string, a dict of named
+    templates, or tokenizer_config.json's list of {name, template}."""
+    if isinstance(template, str):
+        return template
+    if isinstance(template, dict):
+        return "\n".join(t for t in template.values() if isinstance(t, str))
+    if isinstance(template, list):
+        return "\n".join(str(t.get("template") or "") for t in template if isinstance(t, dict))
+    return ""
+
+
+# A bare `thinking` variable inside a Jinja tag (DeepSeek-V3.1's switch): not `.thinking`,
+# `enable_thinking`, or a word of the template's text.
+_THINKING_VARIABLE = re.compile(r"{[%{][^}]*(?<![\w.'\"])thinking(?![\w'\"])[^}]*[%}]}")
+
+
+def thinking_switch(template: str, markers: tuple[str, str] | None) -> str | None:
+    """How a model's thinking is turned off: the chat template variable that does it
+    (`enable_thinking`: Qwen3, GLM; `thinking`: DeepSeek-V3.1), else "prefix" (the answer
+    starts after an empty think block put at the end of the prompt, as Qwen3's template
+    does) for a model that has think markers; None for a model that does not think. The one
+    answer for model_info and the worker."""
+    if "enable_thinking" in template:
+        return "enable_thinking"
+    if _THINKING_VARIABLE.search(template):
+        return "thinking"
+    return "prefix" if markers is not None else None
 
 
 def _vocabulary(path: Path) -> set[str]:
@@ -263,9 +294,10 @@ def inspect_model(model: LocalModel) -> dict[str, Any]:
         tokenizer_config = json.loads((model.path / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         pass
-    template = tokenizer_config.get("chat_template") or ""
+    template = template_text(tokenizer_config.get("chat_template"))
     if not template and (model.path / "chat_template.jinja").is_file():
         template = (model.path / "chat_template.jinja").read_text(errors="replace")
+    markers = think_markers(model.path)
     text_config = config.get("text_config", config)
     return {
         "id": model.id,
@@ -283,7 +315,11 @@ def inspect_model(model: LocalModel) -> dict[str, Any]:
         "weights_bytes": model.weights_bytes,
         "chat_template": bool(template),
         "tool_calling": "tools" in template,
-        "reasoning": think_markers(model.path) is not None,
+        "reasoning": markers is not None,
+        # How thinking is turned on and off ("enable_thinking", "thinking", "prefix"; None:
+        # the model does not think, and requests that ask for thinking or not are answered
+        # as they are).
+        "thinking_switch": thinking_switch(template, markers),
         "multimodal": any(k in config for k in ("vision_config", "audio_config")),
         "description": model.description,
     }

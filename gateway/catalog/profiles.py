@@ -61,6 +61,12 @@ class Profile(BaseModel):
     tool_parser: str | None = Field(
         None, description="mlx-lm tool parser ('json_tools', ...); default: inferred."
     )
+    thinking: bool | None = Field(
+        None, description="Reasoning models: think (true) or not (false); default: the model's."
+    )
+    reasoning_budget: Tokens | None = Field(
+        None, description="Most reasoning tokens; then the think block is closed."
+    )
 
     @field_validator("aliases")
     @classmethod

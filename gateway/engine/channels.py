@@ -46,14 +46,19 @@ class ChannelSplitter:
         parse_tool: Callable[[str], Any] | None,
         in_reasoning: bool = False,
         json_calls: bool = False,
+        in_call: bool = False,
     ) -> None:
         """`json_calls`: calls are `{"name": ..., "arguments": {...}}` and a grammar keeps them
         well-formed, so their arguments can stream as they are written; otherwise a call is
-        parsed whole at its end marker (and returned as content when it does not parse)."""
+        parsed whole at its end marker (and returned as content when it does not parse).
+        `in_call`: the whole output is one JSON call, without markers (a forced call on a
+        model that has no tool-call format of its own)."""
         self.markers = markers
         self.parse_tool = parse_tool
         self.json_calls = json_calls
         self.state = "reasoning" if in_reasoning and markers.think else "content"
+        if in_call:
+            self.state = "tool"
         self.buf = ""
         self.tool_calls = 0
         self.call_open = False  # a JSON call's name went out; its arguments are streaming
@@ -142,13 +147,13 @@ class ChannelSplitter:
         """The end of a tool-call block. A JSON call that has been streaming is finished (cut
         off, when `closed` is false); any other block is parsed whole into calls or, when it
         does not parse, given back as content exactly as the model wrote it."""
-        assert self.markers.tool and self.parse_tool
+        assert self.parse_tool
         if self.json_calls and self._stream_call(body, parts, end=closed):
             self.call_open = False
             return
         calls = _parse(self.parse_tool, body)
         if calls is None:
-            start, end = self.markers.tool
+            start, end = self.markers.tool or ("", "")
             self._emit("content", start + body + (end if closed else ""), parts)
             return
         for name, arguments in calls:

@@ -7,6 +7,7 @@ Everything MLX happens on the worker's main thread."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import time
 import uuid
@@ -14,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.catalog.local import template_text, thinking_switch
 from gateway.engine import logits
 from gateway.engine.channels import ChannelSplitter, Markers
+from gateway.engine.grammar import tool_call_grammar
 from gateway.engine.pipe import WorkerPipe
 from gateway.engine.protocol import (
     Activity,
@@ -37,6 +40,15 @@ log = logging.getLogger("mlx_manager.worker")
 
 KEY = "model"  # the prompt cache's model key: a worker serves one model
 REPORT_SECONDS = 0.5
+# A tool for finding out whether a chat template shows tools at all.
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "probe_tool", "parameters": {"type": "object", "properties": {}}},
+}
+
+# A tool-call format: its start and end markers, its parser (body, tools) -> call(s), and
+# whether its calls are JSON {"name", "arguments"} (which can stream under a grammar).
+ToolFormat = tuple[tuple[str, str], Callable[[str, Any], Any], bool]
 
 
 @dataclass
@@ -95,6 +107,12 @@ class Engine:
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.no_stop = StopSequences()  # ignore_eos: only max_tokens ends the sequence
         self.think = think  # reasoning markers: gateway.hub.think_markers, as model_info says
+        # How thinking is turned off: a template variable, an empty think block, or not at
+        # all (catalog.local.thinking_switch, as model_info says).
+        self.switch = thinking_switch(
+            template_text(getattr(tokenizer, "chat_template", None)), think
+        )
+        self.shows_tools: bool | None = None  # does the template show tools? (found on first use)
         self.seqs: dict[int, _Sequence] = {}
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
@@ -117,7 +135,11 @@ class Engine:
 
     def submit(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
         try:
-            prompt = self._tokenize(req)
+            tool_format = self._tool_format(req)
+            # A call forced on a model that has no call format: the output is the call's JSON.
+            call_only = bool(req.get("tools")) and req.get("tool_choice") == "required"
+            call_only = call_only and tool_format is None
+            prompt = self._tokenize(req, call_only, native=tool_format is not None)
         except Exception as e:  # a template that rejects the messages, bad content, ...
             events.append(Failed(rid, "InvalidRequest", f"Could not build the prompt: {e}"))
             return
@@ -153,11 +175,24 @@ class Engine:
         fault: list[str] = []
         parallel = bool(req.get("parallel_tool_calls", True))
         try:
-            channels, forced = self._channels(req, prompt)
+            channels, forced = self._channels(req, prompt, tool_format, call_only)
             processors = self._processors(req)
             if forced:
                 processors.append(logits.force_prefix(forced))
-            if req.get("grammar"):
+            budget = req.get("reasoning_budget")
+            if budget is not None and self.think and req["kind"] == "chat" and not call_only:
+                start, end = (
+                    self.tokenizer.encode(m, add_special_tokens=False) for m in self.think
+                )
+                processors.append(logits.think_budget(start, end, budget, self._inside(prompt)))
+            if call_only:  # the whole answer is one call, under its grammar
+                grammar = req.get("tool_grammar") or tool_call_grammar(req["tools"])
+                processors.append(
+                    logits.constrain(
+                        self._lltokenizer(), grammar, list(self.eos_ids), fault, "tool call"
+                    )
+                )
+            elif req.get("grammar"):
                 processors.append(
                     logits.constrain(self._lltokenizer(), req["grammar"], list(self.eos_ids), fault)
                 )
@@ -215,40 +250,58 @@ class Engine:
             return cache, len(prompt) - 1
         return cache, len(prompt) - len(rest)
 
+    def _tool_format(self, req: dict[str, Any]) -> ToolFormat | None:
+        """How this model writes tool calls, for a chat request with tools: a profile's
+        parser over the tokenizer's own; None when it has no format (or no tools came)."""
+        if req["kind"] != "chat" or not req.get("tools"):
+            return None
+        tok = self.tokenizer
+        name = req.get("tool_parser")
+        if name:  # a profile's choice over the tokenizer's own
+            module = importlib.import_module(f"mlx_lm.tool_parsers.{name}")
+            markers, parser = (module.tool_call_start, module.tool_call_end), module.parse_tool_call
+        elif tok.has_tool_calling:
+            markers, parser = (tok.tool_call_start, tok.tool_call_end), tok.tool_parser
+        else:
+            return None
+        return markers, parser, parser.__module__ == "mlx_lm.tool_parsers.json_tools"
+
+    def _inside(self, prompt: list[int]) -> bool:
+        """Whether the prompt ends inside a think block (a template may open it)."""
+        if self.think is None:
+            return False
+        tail = self.tokenizer.decode(prompt[-16:])
+        return tail.rfind(self.think[0]) > tail.rfind(self.think[1])
+
     def _channels(
-        self, req: dict[str, Any], prompt: list[int]
+        self,
+        req: dict[str, Any],
+        prompt: list[int],
+        tool_format: ToolFormat | None,
+        call_only: bool,
     ) -> tuple[ChannelSplitter | None, list[int]]:
         """The splitter for this request's output (None: plain text), and the tokens the
         output must start with (a tool call, when tool_choice requires one)."""
-        tok = self.tokenizer
         if req["kind"] != "chat":
             return None, []  # a raw completion is raw text
+        if call_only:
+            return ChannelSplitter(Markers(), json.loads, json_calls=True, in_call=True), []
         think = self.think if req.get("reasoning") != "inline" else None
         tool, parse, json_calls = None, None, False
-        if req.get("tools"):
-            name = req.get("tool_parser")
-            if name:  # a profile's choice over the tokenizer's own
-                module = importlib.import_module(f"mlx_lm.tool_parsers.{name}")
-                tool, parser = (
-                    (module.tool_call_start, module.tool_call_end),
-                    module.parse_tool_call,
-                )
-            elif tok.has_tool_calling:
-                tool, parser = (tok.tool_call_start, tok.tool_call_end), tok.tool_parser
-            if tool:
-                tools = req["tools"]
-                parse = lambda body: parser(body, tools)  # noqa: E731
-                json_calls = parser.__module__ == "mlx_lm.tool_parsers.json_tools"
+        if tool_format is not None:
+            tool, parser, json_calls = tool_format
+            tools = req["tools"]
+            parse = lambda body: parser(body, tools)  # noqa: E731
         if think is None and tool is None:
             return None, []
-        # A template may open the think block itself (the prompt ends inside it).
-        tail = tok.decode(prompt[-16:]) if think else ""
-        inside = think is not None and tail.rfind(think[0]) > tail.rfind(think[1])
         forced: list[int] = []
         if tool and req.get("tool_choice") == "required":
-            forced = tok.encode(tool[0], add_special_tokens=False)
+            forced = self.tokenizer.encode(tool[0], add_special_tokens=False)
         splitter = ChannelSplitter(
-            Markers(think, tool), parse, in_reasoning=inside, json_calls=json_calls
+            Markers(think, tool),
+            parse,
+            in_reasoning=think is not None and self._inside(prompt),
+            json_calls=json_calls,
         )
         return splitter, forced
 
@@ -274,14 +327,12 @@ class Engine:
             )
         return self.lltok
 
-    def _tokenize(self, req: dict[str, Any]) -> list[int]:
+    def _tokenize(
+        self, req: dict[str, Any], call_only: bool = False, native: bool = True
+    ) -> list[int]:
         tok = self.tokenizer
         if req["kind"] == "chat":
-            extra = dict(req.get("template_kwargs") or {})
-            if req.get("tools"):
-                extra["tools"] = req["tools"]
-            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True, **extra)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = self._chat_prompt(req, call_only, native)
         else:
             ids = tok.encode(req.get("prompt") or "")
         if not ids and tok.bos_token_id is not None:
@@ -289,6 +340,67 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty")
         return ids
+
+    def _chat_prompt(self, req: dict[str, Any], call_only: bool, native: bool) -> list[int]:
+        """The chat template applied to the request's messages, with its tools, its thinking
+        switch and its extra template variables (which win over the switch). `native`: the
+        model has a tool-call format, and its template always gets the tools."""
+        extra: dict[str, Any] = {}
+        thinking = req.get("thinking")
+        if thinking is None and req.get("reasoning_budget") == 0:
+            thinking = False  # no reasoning at all: the model's own way of not thinking
+        if thinking is not None and self.switch in ("enable_thinking", "thinking"):
+            extra[self.switch] = bool(thinking)
+        extra.update(req.get("template_kwargs") or {})
+        messages = req["messages"]
+        tools = req.get("tools")
+        if tools and (native or self._shows_tools()):
+            extra["tools"] = tools
+        elif tools and call_only:
+            # The template would not show the tools: the model learns them from the
+            # system prompt, or it could not know which to call or with what.
+            try:
+                return self._apply(_with_tool_list(messages, tools), extra, thinking)
+            except Exception:  # a template that refuses system messages: without the list
+                pass
+        return self._apply(messages, extra, thinking)
+
+    def _apply(
+        self, messages: list[dict[str, Any]], extra: dict[str, Any], thinking: bool | None
+    ) -> list[int]:
+        tok = self.tokenizer
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if thinking is False and self.switch == "prefix" and self.think:
+            # No switch in the template: the answer starts after an empty think block, as
+            # Qwen3's template writes it when thinking is off (closing one the template
+            # opened). It is prompt, not output: nothing of it is reported as reasoning.
+            start, end = self.think
+            block = f"{end}\n\n" if self._inside(ids) else f"{start}\n\n{end}\n\n"
+            ids += tok.encode(block, add_special_tokens=False)
+        return ids
+
+    def _shows_tools(self) -> bool:
+        """Whether the chat template shows the tools it is given. One that ignores them (or
+        fails on them) is not given them: they would change nothing or break the prompt.
+        Found once, on a one-message chat; a template that cannot render that is trusted."""
+        if self.shows_tools is None:
+            apply = self.tokenizer.apply_chat_template
+            probe = [{"role": "user", "content": "hello"}]
+            try:
+                plain = apply(probe, add_generation_prompt=True, tokenize=False)
+            except Exception:
+                self.shows_tools = True
+                return True
+            try:
+                shown = apply(
+                    probe, add_generation_prompt=True, tokenize=False, tools=[_PROBE_TOOL]
+                )
+            except Exception:
+                self.shows_tools = False
+            else:
+                self.shows_tools = shown != plain
+        return self.shows_tools
 
     def _sampler(self, req: dict[str, Any]) -> Callable[..., Any]:
         mx = self.mx
@@ -491,3 +603,20 @@ class Engine:
             # MLX's own figure: weights, KV caches and its buffer cache, what the budget counts.
             memory = self.mx.get_active_memory() + self.mx.get_cache_memory()
             self.conn.send([Activity(*state, memory)])
+
+
+def _with_tool_list(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`messages` with the tools listed in the system message (one is added if none leads),
+    and how a call is written: for a forced call on a model whose template shows no tools."""
+    listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    note = (
+        "Answer with a call to one of these tools, written as the JSON object "
+        '{"name": <the tool\'s name>, "arguments": <its arguments>}.\nTools:\n' + listing
+    )
+    if messages and messages[0].get("role") == "system":
+        first = messages[0]
+        content = f"{first.get('content') or ''}\n\n{note}".lstrip()
+        return [{**first, "content": content}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]

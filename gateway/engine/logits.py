@@ -1,7 +1,8 @@
 """Logits processors that hold a sequence's output to what it must be: a forced prefix, a
-grammar (response_format), JSON tool calls once the model opens one, and nothing but more calls
-or the end after a forced call. Each is a function of (tokens so far, logits) that rules tokens
-out; llguidance computes what a grammar allows at each step."""
+grammar (response_format, or a forced call on a model without a tool-call format), JSON tool
+calls once the model opens one, nothing but more calls or the end after a forced call, and the
+end of a think block once its budget is spent. Each is a function of (tokens so far, logits)
+that rules tokens out; llguidance computes what a grammar allows at each step."""
 
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def force_prefix(forced: list[int]) -> Processor:
     return force
 
 
-def constrain(lltok: Any, grammar: str, eos: list[int], fault: list[str]) -> Processor:
+def constrain(
+    lltok: Any, grammar: str, eos: list[int], fault: list[str], what: str = "response_format"
+) -> Processor:
     """A logits processor that allows only tokens keeping the output inside `grammar`
     (llguidance computes the allowed set for each step; once the grammar is complete,
     only end-of-sequence is allowed). Should the matcher fail, it says why in `fault`,
@@ -69,7 +72,7 @@ def constrain(lltok: Any, grammar: str, eos: list[int], fault: list[str]) -> Pro
             matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
         step[0] += 1
         if matcher.is_error():
-            fault[:] = [f"response_format: {matcher.get_error()}"]
+            fault[:] = [f"{what}: {matcher.get_error()}"]
         if matcher.is_error() or matcher.is_stopped():
             return _keep(logits, _only(eos, logits.shape[-1]))
         return _keep(logits, _allowed(matcher, logits.shape[-1]))
@@ -148,3 +151,35 @@ def only_calls_follow(
         return _keep(logits, _only(allowed, width))
 
     return only_calls
+
+
+def think_budget(start: list[int], end: list[int], budget: int, inside: bool) -> Processor:
+    """Reasoning capped at `budget` tokens, in all the output's think blocks together: once
+    they are spent, the think block's end marker is forced and the model goes on with its
+    answer (a block opened after that closes at once). `inside`: the prompt ends inside a
+    think block (its template opened it). Tokens are counted here, from the tokens the model
+    wrote, not from their text: the batch decodes one step ahead of the text."""
+    state: dict[str, Any] = {"step": 0, "inside": inside, "spent": 0, "recent": [], "ending": []}
+    span = max(len(start), len(end))
+
+    def cap(tokens: Any, logits: Any) -> Any:
+        width = logits.shape[-1]
+        last = int(tokens.reshape(-1)[-1].item()) if state["step"] else None
+        state["step"] += 1
+        if state["ending"]:  # the rest of the end marker, token by token
+            return _keep(logits, _only([state["ending"].pop(0)], width))
+        if last is not None:
+            recent = state["recent"] = (state["recent"] + [last])[-span:]
+            if not state["inside"]:
+                state["inside"] = recent[-len(start) :] == start
+            elif recent[-len(end) :] == end:
+                state["inside"] = False
+            else:
+                state["spent"] += 1
+        if not state["inside"] or state["spent"] < budget:
+            return logits
+        state["inside"], state["recent"] = False, []
+        state["ending"] = list(end[1:])
+        return _keep(logits, _only([end[0]], width))
+
+    return cap

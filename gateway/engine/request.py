@@ -23,6 +23,7 @@ EFFORT_BUDGETS: dict[str, int | None] = {
     "medium": 4096,
     "high": None,
     "xhigh": None,
+    "max": None,
 }
 
 

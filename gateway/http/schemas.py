@@ -10,12 +10,37 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from config.settings import parse_duration
 from gateway.engine.grammar import grammar_for_text, tool_call_grammar
-from gateway.engine.request import GenerateRequest, GenerationRequest
-from gateway.fields import Temperature, Tokens, TopP
+from gateway.engine.request import GenerateRequest, GenerationRequest, effort
+from gateway.fields import MAX_TOKENS, Temperature, Tokens, TopP
 from gateway.http import jsonbody
 
 MAX_CHOICES = 16
 MAX_STOPS = 16
+MAX_TEMPLATE_KWARGS = 64
+# apply_chat_template's own parameters (transformers' and its renderer's): a template variable
+# of one of these names would not reach the template, it would change how it is applied.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "conversations",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class _Body(BaseModel):
@@ -235,6 +260,43 @@ class ChatCompletionRequest(_Sampling):
     # Where a reasoning model's thinking goes: "separate" (message.reasoning_content) or
     # "inline" (left in content, think tags and all). llama.cpp's names work too.
     reasoning_format: Literal["separate", "inline", "none", "deepseek", "auto"] | None = None
+    # How much a reasoning model thinks: "none" turns thinking off (through the model's own
+    # switch), the others set a budget of reasoning tokens (gateway/engine/request.py).
+    reasoning_effort: ReasoningEffort | None = None
+    # vLLM's and SGLang's extra variables for the chat template (Qwen3's `enable_thinking`).
+    chat_template_kwargs: (
+        Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None
+    ) = None
+    # llama.cpp's: most reasoning tokens; -1 unbounded, 0 no thinking at all.
+    thinking_budget_tokens: Annotated[int, Field(ge=-1, le=MAX_TOKENS)] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        clashes = sorted(set(v or {}) & RESERVED_TEMPLATE_KWARGS)
+        if clashes:
+            raise ValueError(
+                f"{', '.join(map(repr, clashes))} cannot be set here: "
+                f"{'they are' if len(clashes) > 1 else 'it is'} a parameter of "
+                "apply_chat_template, not a template variable"
+            )
+        return v
+
+    def _thinking(self) -> tuple[bool | None, int | None]:
+        """Thinking on or off, and its budget: from reasoning_effort, then llama.cpp's
+        thinking_budget_tokens, then an `enable_thinking` (or `thinking`) template variable,
+        the most explicit last."""
+        thinking, budget = effort(self.reasoning_effort)
+        if self.thinking_budget_tokens is not None:
+            if self.thinking_budget_tokens == 0:
+                thinking, budget = False, None
+            else:
+                budget = None if self.thinking_budget_tokens < 0 else self.thinking_budget_tokens
+        for key in ("enable_thinking", "thinking"):
+            value = (self.chat_template_kwargs or {}).get(key)
+            if isinstance(value, bool):
+                thinking = value
+        return thinking, budget
 
     @model_validator(mode="after")
     def _tool_choice(self) -> ChatCompletionRequest:
@@ -270,6 +332,7 @@ class ChatCompletionRequest(_Sampling):
             self.reasoning_format or "", self.reasoning_format
         )
         common = self._common()  # once: it compiles response_format's grammar
+        thinking, budget = self._thinking()
         return [
             GenerationRequest(
                 kind="chat",
@@ -283,6 +346,9 @@ class ChatCompletionRequest(_Sampling):
                 tool_choice=tool_choice,
                 parallel_tool_calls=self.parallel_tool_calls,
                 reasoning=reasoning,
+                template_kwargs=dict(self.chat_template_kwargs or {}),
+                thinking=thinking,
+                reasoning_budget=budget,
                 **common,
             )
             for seed in self._seeds(self.n)

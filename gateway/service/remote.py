@@ -92,6 +92,14 @@ class RemoteBackend:
                 body[name] = value
         if request.keep_alive is not None:
             body["keep_alive"] = request.keep_alive
+        if chat:  # thinking, in /v1's words: the most explicit template variable, a budget
+            variables = dict(first.template_kwargs)
+            if first.thinking is not None:
+                variables["enable_thinking"] = first.thinking
+            if variables:
+                body["chat_template_kwargs"] = variables
+            if first.reasoning_budget is not None:
+                body["thinking_budget_tokens"] = first.reasoning_budget
         data = await self._call("POST", "/v1/chat/completions" if chat else "/v1/completions", body)
         choices = []
         for c in data["choices"]:
