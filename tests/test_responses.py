@@ -773,7 +773,7 @@ def test_a_failure_midway_ends_the_stream_with_error_events() -> None:
     async def run() -> list[dict[str, Any]]:
         response = _Response(body)
         events = _events(None, stream, body, response, [], None)  # type: ignore[arg-type]
-        return [json.loads(e.data) async for e in events]
+        return sse(b"".join([e async for e in events]).decode().splitlines())
 
     events = checked(asyncio.run(run()))
     assert stream.closed
@@ -800,7 +800,7 @@ def test_events_of_an_answer_that_says_nothing() -> None:
 
     async def run() -> list[dict[str, Any]]:
         events = _events(None, Empty([]), body, _Response(body), [], None)  # type: ignore[arg-type]
-        return [json.loads(e.data) async for e in events]
+        return sse(b"".join([e async for e in events]).decode().splitlines())
 
     events = checked(asyncio.run(run()))
     final = events[-1]["response"]

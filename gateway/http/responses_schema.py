@@ -343,7 +343,7 @@ ToolItem = Annotated[
 ]
 
 
-class NamedFunction(_Body):
+class NamedTool(_Body):
     type: Literal["function"]
     name: Annotated[str, Field(min_length=1)]
 
@@ -370,7 +370,7 @@ class OtherChoice(_Body):
 
 ToolChoice = Annotated[
     Annotated[Literal["none", "auto", "required"], Tag(_tag("mode"))]
-    | Annotated[NamedFunction, Tag(_tag("function"))]
+    | Annotated[NamedTool, Tag(_tag("function"))]
     | Annotated[AllowedTools, Tag(_tag("allowed_tools"))]
     | Annotated[OtherChoice, Tag(_tag("other"))],
     Discriminator(
@@ -489,7 +489,7 @@ class ResponseCreate(_Body):
                 "tool_choice 'required' needs function tools.", param="tool_choice"
             )
         wanted: list[str] = []
-        if isinstance(choice, NamedFunction):
+        if isinstance(choice, NamedTool):
             wanted = [choice.name]
         elif isinstance(choice, AllowedTools):
             wanted = [t.name or "" for t in choice.tools if t.type == "function"]
@@ -509,7 +509,7 @@ class ResponseCreate(_Body):
         """The tools the template sees, and what the model must do with them."""
         functions, choice = self._functions(), self.tool_choice
         mode = "auto"
-        if isinstance(choice, NamedFunction):
+        if isinstance(choice, NamedTool):
             functions, mode = [t for t in functions if t.name == choice.name], "required"
         elif isinstance(choice, AllowedTools):
             allowed = {t.name for t in choice.tools if t.type == "function"}
