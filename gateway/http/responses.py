@@ -236,19 +236,21 @@ def _key(request: Request) -> str | None:
     return getattr(request.state, "api_key", None)
 
 
-async def _history(service: Service, body: ResponseCreate, key: str | None) -> list[Any]:
+async def _history(
+    service: Service, body: ResponseCreate, key: str | None
+) -> tuple[list[Any], str | None]:
     """The items a request continues: its previous response's input (that response's own
-    predecessors included) and output."""
+    predecessors included) and output; and the model that answered them."""
     if body.previous_response_id is None:
-        return []
+        return [], None
     stored = await service.stored_response(body.previous_response_id, key, "previous_response_id")
-    return [*stored.input_items, *stored.response["output"]]
+    return [*stored.input_items, *stored.response["output"]], stored.response["model"]
 
 
 async def create(request: Request) -> Response:
     body = await parse_body(request, ResponseCreate)
     service, key = _service(request), _key(request)
-    history = await _history(service, body, key)
+    history, _ = await _history(service, body, key)
     generate = body.generate_request(history)
     items = [*history, *body.items()]  # what this response's prompt was, as it is stored
     response = _Response(body)
@@ -316,13 +318,8 @@ async def input_tokens(request: Request) -> Response:
     model's worker and template; nothing is generated."""
     body = await parse_body(request, InputTokensRequest)
     service, key = _service(request), _key(request)
-    history: list[Any] = []
-    if body.previous_response_id is not None:
-        stored = await service.stored_response(
-            body.previous_response_id, key, "previous_response_id"
-        )
-        history = [*stored.input_items, *stored.response["output"]]
-        body.model = body.model or stored.response["model"]
+    history, model = await _history(service, body, key)
+    body.model = body.model or model
     if body.model is None:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
     counting = service.count_tokens(body.generate_request(history), _record(request))

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
@@ -32,18 +33,15 @@ from gateway.engine.grammar import grammar_for_text, tool_call_grammar
 from gateway.engine.request import GenerateRequest, GenerationRequest, effort
 from gateway.errors import InvalidRequest
 from gateway.fields import Temperature, Tokens, TopP
-from gateway.http.schemas import (
-    FunctionCall,
-    FunctionDef,
-    Message,
-    ToolCall,
-    _Body,
-    json_object_text,
-)
+from gateway.http.schemas import FunctionCall, FunctionDef, Message, ToolCall, json_object_text
 
 MAX_ITEMS = 4096
 MAX_TOOLS = 256
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
 
 
 def new_id(prefix: str) -> str:
@@ -76,7 +74,7 @@ def _by_type(known: tuple[str, ...], default: str | None = None) -> Callable[[An
 
 
 class ContentPart(_Body):
-    """A part of a message's content (or of a tool's output): text of some kind."""
+    """A part of a message's content: text of some kind."""
 
     type: str
     text: str | None = None
