@@ -80,6 +80,9 @@ class Settings:
     prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
     # Observability (gateway/observe/requestlog.py, gateway/observe/logs.py).
     log_retention: str = "30d,1000000"  # request log rows kept: an age, a row count, or both
+    # Stored /v1/responses (store: true) kept, as log_retention: each row holds a whole
+    # conversation, so fewer rows than the request log's.
+    response_retention: str = "30d,10000"
     log_content: bool = False  # also store prompts and completions in the request log
     log_format: str = "text"  # server log lines: "text" (key=value fields) or "json"
 
@@ -116,6 +119,11 @@ class Settings:
     def request_log_limits(self) -> tuple[float | None, int | None]:
         """(max age in seconds, max rows) of the request log; (0, 0) when it is off."""
         return parse_retention(self.log_retention)
+
+    @property
+    def response_limits(self) -> tuple[float | None, int | None]:
+        """(max age in seconds, max rows) of stored responses; (0, 0): none are kept."""
+        return parse_retention(self.response_retention, "response retention")
 
     def token_file(self) -> Path:
         """Where a running server leaves a key for local clients (the CLI, `mlx-manager mcp`):
@@ -177,9 +185,9 @@ def parse_duration(value: float | int | str | None) -> float | None:
     return seconds
 
 
-def parse_retention(text: str) -> tuple[float | None, int | None]:
+def parse_retention(text: str, what: str = "log retention") -> tuple[float | None, int | None]:
     """ "30d", "100000", "30d,100000" (an age needs its unit; a bare number counts rows), or
-    "0" (keep nothing: the request log is off). Returns (max age in seconds, max rows)."""
+    "0" (keep nothing). Returns (max age in seconds, max rows)."""
     if str(text).strip() == "0":
         return 0.0, 0
     age: float | None = None
@@ -196,11 +204,11 @@ def parse_retention(text: str) -> tuple[float | None, int | None]:
                 age = None
             if age is None or age <= 0 or part[-1].isdigit():
                 raise SettingsError(
-                    f"log retention {text!r}: use an age like '30d', a row count like '100000', "
-                    "both ('30d,100000'), or 0 to keep no request log"
+                    f"{what} {text!r}: use an age like '30d', a row count like '100000', "
+                    "both ('30d,100000'), or 0 to keep none"
                 )
     if rows == 0 or (age is None and rows is None):
-        raise SettingsError(f"log retention {text!r}: give an age, a row count, or 0")
+        raise SettingsError(f"{what} {text!r}: give an age, a row count, or 0")
     return age, rows
 
 
@@ -250,8 +258,8 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name == "log_retention":
-        parse_retention(str(value))  # a typo stops startup, not the first request
+    if name in ("log_retention", "response_retention"):
+        parse_retention(str(value), name.replace("_", " "))  # a typo stops startup
         return str(value)
     if name == "log_format":
         if str(value).strip().lower() not in ("text", "json"):

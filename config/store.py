@@ -120,6 +120,22 @@ def add_profile_thinking_fields(db: sqlite_utils.Database) -> None:
     db.table("profiles").add_column("reasoning_budget", int)  # most reasoning tokens
 
 
+@migrations()
+def create_responses(db: sqlite_utils.Database) -> None:
+    """Stored /v1/responses (made with `store: true`), kept for MLX_MANAGER_RESPONSE_RETENTION."""
+    db.table("responses").create(
+        {
+            "id": str,  # resp_...
+            "time": str,  # when it was stored, in the request log's format (for pruning)
+            "key_name": str,  # the API key that made it: only that key sees it
+            "response": str,  # JSON: the response object, as its create returned it
+            "input_items": str,  # JSON: every item of its prompt, its predecessors' included
+        },
+        pk="id",
+    )
+    db.table("responses").create_index(["time"])
+
+
 REQUEST_COLUMNS = (
     "id, request_id, time, endpoint, model, profile, key_name, status, error, stream, "
     "finish_reason, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms"
@@ -364,6 +380,43 @@ class Store:
                 # Ids only grow: the newest keep_rows rows are those above max(id) - keep_rows.
                 deleted += db.execute(
                     "DELETE FROM requests WHERE id <= (SELECT max(id) FROM requests) - ?",
+                    [keep_rows],
+                ).rowcount
+        return deleted
+
+    # Stored responses -----------------------------------------------------------------------
+
+    def save_response(
+        self,
+        row: dict[str, Any],
+        before: str | None = None,
+        keep_rows: int | None = None,
+    ) -> None:
+        """Store one response (`id`, `time`, `key_name`, and JSON text `response` and
+        `input_items`), and prune the others by age and count, in one transaction."""
+        with self.write() as db:
+            db.table("responses").insert(row)
+            self.prune_responses(before, keep_rows)
+
+    def response(self, response_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.table("responses").rows_where("id = ?", [response_id]))
+        return rows[0] if rows else None
+
+    def delete_response(self, response_id: str) -> bool:
+        with self.write() as db:
+            cur = db.execute("DELETE FROM responses WHERE id = ?", [response_id])
+        return cur.rowcount > 0
+
+    def prune_responses(self, before: str | None, keep_rows: int | None) -> int:
+        """Delete stored responses older than `before` and beyond the newest `keep_rows`."""
+        deleted = 0
+        with self.write() as db:
+            if before is not None:
+                deleted += db.execute("DELETE FROM responses WHERE time < ?", [before]).rowcount
+            if keep_rows is not None:
+                # rowids only grow (max + 1): the newest rows have the highest ones.
+                deleted += db.execute(
+                    "DELETE FROM responses WHERE rowid <= (SELECT max(rowid) FROM responses) - ?",
                     [keep_rows],
                 ).rowcount
         return deleted

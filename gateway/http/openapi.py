@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from gateway.http.responses_schema import InputTokensRequest, ResponseCreate
 from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 
 ERROR = {
@@ -60,7 +61,12 @@ def _generation(summary: str, schema: str) -> dict[str, Any]:
 @cache
 def openapi_document() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+        [
+            (ChatCompletionRequest, "validation"),
+            (CompletionRequest, "validation"),
+            (ResponseCreate, "validation"),
+            (InputTokensRequest, "validation"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
     try:
@@ -93,12 +99,33 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest"),
             "/v1/completions": _generation("Text completion", "CompletionRequest"),
+            "/v1/responses": _generation("Response (OpenAI Responses API)", "ResponseCreate"),
+            "/v1/responses/input_tokens": _generation(
+                "Count a response's input tokens", "InputTokensRequest"
+            ),
+            "/v1/responses/{response_id}": {
+                "get": _stored("A stored response"),
+                "delete": _stored("Delete a stored response"),
+            },
+            "/v1/responses/{response_id}/input_items": {
+                "get": _stored("A stored response's input items (limit, order, after)")
+            },
         },
         "components": {
             "schemas": {**defs["$defs"], "Error": ERROR},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
+    }
+
+
+def _stored(summary: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": [
+            {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "responses": _responses("OK", (400, 404)),
     }
 
 

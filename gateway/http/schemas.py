@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.settings import parse_duration
 from gateway.engine.grammar import grammar_for_text, tool_call_grammar
@@ -52,20 +52,20 @@ class TextPart(_Body):
     text: str
 
 
+def json_object_text(v: str) -> str:
+    """A tool call's arguments: a JSON object as text, as OpenAI sends it ("" counts as {})."""
+    try:
+        parsed = jsonbody.loads(v or "{}")
+    except jsonbody.JSONError as e:
+        raise ValueError(f"must be a JSON object in a string ({e})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("must be a JSON object in a string")
+    return v
+
+
 class FunctionCall(_Body):
     name: Annotated[str, Field(min_length=1)]
-    arguments: str  # JSON text, as OpenAI sends it
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, v: str) -> str:
-        try:
-            parsed = jsonbody.loads(v or "{}")
-        except jsonbody.JSONError as e:
-            raise ValueError(f"must be a JSON object in a string ({e})") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("must be a JSON object in a string")
-        return v
+    arguments: Annotated[str, AfterValidator(json_object_text)]
 
 
 class ToolCall(_Body):

@@ -10,6 +10,7 @@ log live in the shared database and are read here in both cases.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import platform
 import time
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
@@ -36,7 +37,9 @@ from gateway.observe.requestlog import RequestRecord
 from gateway.service.backend import Backend, Stream
 from gateway.service.keys import ApiKeys
 from gateway.service.local import LocalBackend
+from gateway.service.responses import StoredResponse, StoredResponses
 
+log = logging.getLogger("mlx_manager")
 # (state, seconds elapsed, message): "loading" while it loads, then "ready".
 Progress = Callable[[str, float, str], Awaitable[None]]
 PROGRESS_INTERVAL = 0.5
@@ -57,6 +60,7 @@ class Service:
         self.catalog = Catalog(settings, self.store)
         self.profiles = Profiles(self.catalog)
         self.keys = ApiKeys(self.store, settings)
+        self.responses = StoredResponses(self.store, settings)
         self.backend: Backend = backend or LocalBackend(settings, self.store, self.catalog)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -68,6 +72,13 @@ class Service:
             *(p["name"] for p in self.store.profiles() if p["pinned"]),
         ]
         await self.backend.start(pinned)
+        self._background(asyncio.to_thread(self._prune_responses))
+
+    def _prune_responses(self) -> None:
+        try:
+            self.responses.prune()
+        except Exception:  # a busy database must not stop the start; the next write prunes
+            log.warning("could not prune stored responses", exc_info=True)
 
     async def close(self) -> None:
         # Let what was started (a pinned profile's load) finish: a CLI exits right after.
@@ -373,6 +384,39 @@ class Service:
         stream = await self.generate(counted, record)
         await stream.collect()
         return stream.usage.prompt_tokens
+
+    # Stored responses (/v1/responses with `store: true`) --------------------------------------
+
+    async def save_response(
+        self, response: dict[str, Any], input_items: list[dict[str, Any]], key_name: str | None
+    ) -> None:
+        """Keep a response and the input items of its whole conversation for later requests
+        (`previous_response_id`), readable by the key that made it."""
+        with _storage():
+            await asyncio.to_thread(self.responses.save, response, input_items, key_name)
+
+    async def stored_response(
+        self, response_id: str, key_name: str | None, param: str | None = None
+    ) -> StoredResponse:
+        """A stored response; 404 (naming `param`) when unknown, expired or another key's."""
+        return await asyncio.to_thread(self.responses.get, response_id, key_name, param)
+
+    async def delete_response(self, response_id: str, key_name: str | None) -> None:
+        with _storage():
+            await asyncio.to_thread(self.responses.delete, response_id, key_name)
+
+    async def response_input_items(
+        self,
+        response_id: str,
+        key_name: str | None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+        after: str | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of a stored response's input items, and whether more follow."""
+        return await asyncio.to_thread(
+            self.responses.input_items, response_id, key_name, limit, order, after
+        )
 
     async def chat(
         self,
