@@ -412,6 +412,7 @@ def test_bad_requests(claude: anthropic.Anthropic, server: Server) -> None:
     assert "user message" in err["message"]
     err = refused(claude, tools=ANTH_TOOLS, tool_choice={"type": "tool", "name": "nope"})
     assert "'nope'" in err["message"] and "get_weather" in err["message"]
+    assert "needs tools" in refused(claude, tool_choice={"type": "any"})["message"]
     err = refused(claude, tools=[{"name": "f", "description": "no schema"}])
     assert "input_schema" in err["message"]
     err = refused(claude, thinking={"type": "enabled"})
@@ -611,15 +612,16 @@ def test_a_failed_load_is_503_or_a_stream_error(strict: Server) -> None:
     assert error_of(e.value)["type"] == "overloaded_error"
     # Streamed: the load takes longer than the wait before the stream opens, so the stream
     # has begun (pings) and the failure is its last event.
-    headers = {"x-api-key": key_of(strict)}
-    status, events = sse(
-        strict.url, {"model": "broken", "max_tokens": 5, "messages": HELLO}, headers
-    )
+    headers = {"x-api-key": key_of(strict), "x-request-id": "anth-broken-stream"}
+    body = {"model": "broken", "max_tokens": 5, "messages": HELLO}
+    status, events = sse(strict.url, body, headers)
     assert status == 200 and events[0] == ("ping", {"type": "ping"})
     kind, data = events[-1]
     assert kind == "error" and data["error"]["type"] == "overloaded_error"
     assert "broken" in data["error"]["message"]
     assert {k for k, _ in events[:-1]} == {"ping"}
+    logged = row(strict, "anth-broken-stream")  # the log has the failure, not the 200
+    assert logged["status"] == 503 and "broken" in logged["error"]
     with pytest.raises(anthropic.APIStatusError) as e:
         streamed(client, HELLO, model="broken")
     assert error_of(e.value)["type"] == "overloaded_error"

@@ -195,6 +195,8 @@ class MessagesRequest(_Body):
     @model_validator(mode="after")
     def _tool_choice(self) -> MessagesRequest:
         choice = self.tool_choice
+        if choice is not None and choice.type == "any" and not self._custom_tools():
+            raise ValueError("tool_choice 'any' needs tools")
         if choice is not None and choice.type == "tool":
             names = [t.name for t in self._custom_tools()]
             if choice.name not in names:
