@@ -213,19 +213,31 @@ def _invalid(e: ValidationError) -> InvalidRequest:
     """The most specific of the errors (the deepest: a bad block rather than "not a string"),
     with its field's path as Anthropic names it (messages.0.content.1.tool_use_id)."""
     err = max(e.errors(), key=lambda x: len(x["loc"]))
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and _union_member(p))]
-    param = ".".join(loc) or None
+    param = ".".join(_path(err["loc"])) or None
     if err["type"] == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
+    message = err["msg"].removeprefix("Value error, ")  # our validators' own words
+    if param is None:  # a rule across fields (tool_choice and tools)
+        return InvalidRequest(message + ".")
+    return InvalidRequest(f"Invalid value for '{param}': {message}.", param=param)
 
 
-def _union_member(part: str) -> bool:
-    """A location part that names which member of a union failed, not a field."""
-    return "[" in part or part in _MEMBERS
+def _path(loc: tuple[int | str, ...]) -> list[str]:
+    """A location without the parts that name which member of a union failed: a type (`str`,
+    `list[...]`), or a block's type right after its index (`content.0.text.text` is the text
+    block's `text`)."""
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        after_index = i > 0 and isinstance(loc[i - 1], int)
+        if isinstance(part, str) and (
+            "[" in part or part in _TYPES or (after_index and part in BLOCK_TYPES)
+        ):
+            continue
+        path.append(str(part))
+    return path
 
 
-_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "function-after", *BLOCK_TYPES}
+_TYPES = {"str", "int", "float", "bool", "list", "dict", "function-after"}
 
 
 async def create(request: Request) -> Response:
