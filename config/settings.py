@@ -76,6 +76,9 @@ class Settings:
     # take to arrive (0: no limit), and connections open at once (0: no limit).
     request_read_timeout: float = 30.0
     max_connections: int = 512
+    # Seconds between `ping` events of an Anthropic stream (/v1/messages) while it waits for a
+    # model to load or a long prompt to be read, so that clients do not give up; 0: none.
+    stream_ping_interval: float = 10.0
     # KV caches kept per loaded model for reuse by later prompts with the same beginning.
     prompt_cache_bytes: str = "512MiB"  # 0: no prompt cache
     # Observability (gateway/observe/requestlog.py, gateway/observe/logs.py).
@@ -246,7 +249,13 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ValueError
         return number
-    if name in ("load_timeout", "idle_ttl", "worker_stall_timeout", "request_read_timeout"):
+    if name in (
+        "load_timeout",
+        "idle_ttl",
+        "worker_stall_timeout",
+        "request_read_timeout",
+        "stream_ping_interval",
+    ):
         seconds = parse_duration(value)
         if seconds is None or seconds < 0:
             raise ValueError

@@ -115,7 +115,7 @@ class Engine:
         self.shows_tools: bool | None = None  # does the template show tools? (found on first use)
         self.seqs: dict[int, _Sequence] = {}
         self.uid_of: dict[str, int] = {}
-        self.samplers: dict[tuple[float, float], Callable[..., Any]] = {}
+        self.samplers: dict[tuple[float, float, int], Callable[..., Any]] = {}
         self.generated_total = 0
         self.token_texts: dict[int, str] = {}
         self.reported: tuple[int, int] | None = None
@@ -404,15 +404,18 @@ class Engine:
 
     def _sampler(self, req: dict[str, Any]) -> Callable[..., Any]:
         mx = self.mx
-        from mlx_lm.sample_utils import apply_top_p
+        from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
         temp = float(req.get("temperature") or 0.0)
         top_p = float(req.get("top_p") or 0.0) if req.get("top_p") is not None else 1.0
+        top_k = int(req.get("top_k") or 0)
+        if not 0 < top_k < self.vocab_size:
+            top_k = 0  # 0, or at least the whole vocabulary: no cut
         seed = req.get("seed")
         if temp == 0:
-            temp, top_p, seed = 0.0, 1.0, None  # greedy: one shared sampler batches every row
-        if seed is None and (temp, top_p) in self.samplers:
-            return self.samplers[(temp, top_p)]
+            temp, top_p, top_k, seed = 0.0, 1.0, 0, None  # greedy: one sampler batches every row
+        if seed is None and (temp, top_p, top_k) in self.samplers:
+            return self.samplers[(temp, top_p, top_k)]
         # A request with a seed owns a PRNG key so its output does not depend on what else is
         # in the batch (mx.random's global state is shared by every row).
         # PRNG keys are uint64: a negative or n>1-shifted seed wraps instead of failing.
@@ -421,6 +424,8 @@ class Engine:
         def sample(logprobs: Any) -> Any:
             if temp == 0:
                 return mx.argmax(logprobs, axis=-1)
+            if top_k:
+                logprobs = apply_top_k(logprobs, top_k)
             if 0 < top_p < 1:
                 logprobs = apply_top_p(logprobs, top_p)
             if key is None:
@@ -429,7 +434,7 @@ class Engine:
             return mx.random.categorical(logprobs * (1 / temp), key=sub)
 
         if seed is None:
-            self.samplers[(temp, top_p)] = sample
+            self.samplers[(temp, top_p, top_k)] = sample
         return sample
 
     def _processors(self, req: dict[str, Any]) -> list[Any]:

@@ -44,6 +44,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # sample among the k likeliest tokens only (Anthropic's top_k)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
@@ -67,6 +68,9 @@ class GenerationRequest:
     thinking: bool | None = None
     reasoning_budget: int | None = None  # most reasoning tokens; then the think block closes
     count_only: bool = False  # build and count the prompt, generate nothing (count_tokens)
+    # A max_tokens over the server's limit is cut to it rather than refused: Anthropic's
+    # clients send what Claude allows (Claude Code: 32000), whatever this server's limit is.
+    clamp_max_tokens: bool = False
 
     def with_defaults(
         self, profile: dict[str, Any] | None, default_max_tokens: int | None

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from config.settings import Settings
 from gateway.errors import ServiceError
-from gateway.http import admin, responses, v1
+from gateway.http import admin, messages, responses, v1
 from gateway.http.errorshape import error_response
 from gateway.http.middleware import (
     AuthMiddleware,
@@ -101,6 +101,7 @@ def create_app(settings: Settings, service: Service, mcp: MCPServer | None = Non
         *admin.ROUTES,
         *v1.ROUTES,
         *responses.ROUTES,
+        *messages.ROUTES,
         # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
         # still gets this app's own OpenAI-shaped 404.
         *(mcp_app.routes if mcp_app is not None else []),

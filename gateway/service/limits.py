@@ -12,7 +12,8 @@ from gateway.errors import InvalidRequest
 
 def check(request: GenerationRequest, settings: Settings) -> None:
     """Refuse what the client asked beyond the limits, naming the limit and its setting."""
-    if request.max_tokens is not None and request.max_tokens > settings.max_tokens_limit:
+    too_many = request.max_tokens is not None and request.max_tokens > settings.max_tokens_limit
+    if too_many and not request.clamp_max_tokens:  # clamped: capped() cuts it to the limit
         raise InvalidRequest(
             f"max_tokens is {request.max_tokens}; this server allows at most "
             f"{settings.max_tokens_limit} (MLX_MANAGER_MAX_TOKENS_LIMIT).",
