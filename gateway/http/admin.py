@@ -8,9 +8,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.errors import InvalidRequest
+from gateway.http.handler import json_object, parse_body
 from gateway.http.openapi import openapi_document
 from gateway.http.schemas import LoadBody, UnloadBody
-from gateway.http.v1 import json_object, parse_body
 from gateway.observe.metrics import CONTENT_TYPE
 from gateway.service.service import Service
 

@@ -32,8 +32,14 @@ from starlette.routing import Route
 from gateway.engine.protocol import Finished, Output, Reasoning, Text, ToolCallArgs, ToolCallStart
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.http.errorshape import anthropic_body
+from gateway.http.handler import (
+    ClientDisconnected,
+    json_object,
+    record_of,
+    service_of,
+    unless_disconnected,
+)
 from gateway.http.messages_schema import BLOCK_TYPES, CountTokensRequest, MessagesRequest
-from gateway.http.v1 import ClientDisconnected, _record, _service, _unless_disconnected, json_object
 from gateway.observe.usage import Usage
 from gateway.service.backend import Stream
 
@@ -244,12 +250,12 @@ async def create(request: Request) -> Response:
     body = await _parse(request, MessagesRequest)
     generate = body.generate_request()
     message = _Message(body.model, body.omit_thinking)
-    record = _record(request)
-    work = asyncio.ensure_future(_service(request).generate(generate, record))
+    record = record_of(request)
+    work = asyncio.ensure_future(service_of(request).generate(generate, record))
     if not body.stream:
         try:
-            stream = await _unless_disconnected(request, work)
-            await _unless_disconnected(request, message.collect(stream))
+            stream = await unless_disconnected(request, work)
+            await unless_disconnected(request, message.collect(stream))
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(message.whole(stream.usage))
@@ -258,7 +264,7 @@ async def create(request: Request) -> Response:
     try:
         # Within the window a failure is a plain HTTP error; after it, the stream opens.
         window = min(START_WAIT, ping) if ping > 0 else None
-        await _unless_disconnected(request, asyncio.wait({work}, timeout=window))
+        await unless_disconnected(request, asyncio.wait({work}, timeout=window))
     except ClientDisconnected:
         await _discard(work)
         return Response(status_code=499)
@@ -282,7 +288,7 @@ async def _events(
         try:
             stream = await work
         except ServiceError as e:  # the load or the queue failed once the stream was open
-            _record(request).failed(e.status, e.message)
+            record_of(request).failed(e.status, e.message)
             raise
         yield _sse(*message.start_event(stream.usage))
         async for ev in stream:
@@ -309,9 +315,9 @@ async def _discard(work: asyncio.Future[Stream]) -> None:
 
 async def count_tokens(request: Request) -> Response:
     body = await _parse(request, CountTokensRequest)
-    work = _service(request).count_tokens(body.generate_request(), _record(request))
+    work = service_of(request).count_tokens(body.generate_request(), record_of(request))
     try:
-        counted = await _unless_disconnected(request, work)
+        counted = await unless_disconnected(request, work)
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse({"input_tokens": counted})

@@ -23,15 +23,15 @@ from starlette.routing import Route
 
 from gateway.engine.protocol import Finished, Output, Reasoning, Text, ToolCallArgs, ToolCallStart
 from gateway.errors import InvalidRequest, ServiceError
-from gateway.http.responses_schema import InputTokensRequest, ResponseCreate, new_id
-from gateway.http.v1 import (
+from gateway.http.handler import (
     SSE_PING_SECONDS,
     ClientDisconnected,
-    _record,
-    _service,
-    _unless_disconnected,
     parse_body,
+    record_of,
+    service_of,
+    unless_disconnected,
 )
+from gateway.http.responses_schema import InputTokensRequest, ResponseCreate, new_id
 from gateway.observe.usage import Usage
 from gateway.service.backend import Stream
 from gateway.service.service import Service
@@ -249,18 +249,18 @@ async def _history(
 
 async def create(request: Request) -> Response:
     body = await parse_body(request, ResponseCreate)
-    service, key = _service(request), _key(request)
+    service, key = service_of(request), _key(request)
     history, _ = await _history(service, body, key)
     generate = body.generate_request(history)
     items = [*history, *body.items()]  # what this response's prompt was, as it is stored
     response = _Response(body)
     try:
-        stream = await _unless_disconnected(request, service.generate(generate, _record(request)))
+        stream = await unless_disconnected(request, service.generate(generate, record_of(request)))
         if body.stream:
             events = _events(service, stream, body, response, items, key)
             return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n")
         output = _Output()
-        await _unless_disconnected(request, _consume(stream, output))
+        await unless_disconnected(request, _consume(stream, output))
     except ClientDisconnected:
         return Response(status_code=499)
     finished = response.finished(output, stream.usage)
@@ -317,27 +317,27 @@ async def input_tokens(request: Request) -> Response:
     """What `usage.input_tokens` of a create with this body would be, counted by the
     model's worker and template; nothing is generated."""
     body = await parse_body(request, InputTokensRequest)
-    service, key = _service(request), _key(request)
+    service, key = service_of(request), _key(request)
     history, model = await _history(service, body, key)
     body.model = body.model or model
     if body.model is None:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-    counting = service.count_tokens(body.generate_request(history), _record(request))
+    counting = service.count_tokens(body.generate_request(history), record_of(request))
     try:
-        count = await _unless_disconnected(request, counting)
+        count = await unless_disconnected(request, counting)
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
 
 async def retrieve(request: Request) -> Response:
-    stored = await _service(request).stored_response(request.path_params["id"], _key(request))
+    stored = await service_of(request).stored_response(request.path_params["id"], _key(request))
     return JSONResponse(stored.response)
 
 
 async def delete(request: Request) -> Response:
     response_id = request.path_params["id"]
-    await _service(request).delete_response(response_id, _key(request))
+    await service_of(request).delete_response(response_id, _key(request))
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
@@ -350,7 +350,7 @@ async def input_items(request: Request) -> Response:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("order must be 'asc' or 'desc'.", param="order")
-    data, more = await _service(request).response_input_items(
+    data, more = await service_of(request).response_input_items(
         request.path_params["id"],
         _key(request),
         limit=limit,

@@ -3,15 +3,12 @@ and turn every failure into an OpenAI error body with the right status."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,70 +16,18 @@ from starlette.routing import Route
 
 from gateway.engine.protocol import Finished, Logprob, Reasoning, Text, ToolCallArgs, ToolCallStart
 from gateway.engine.request import Choice
-from gateway.errors import InvalidRequest, ServiceError, UnsupportedMediaType
-from gateway.http import jsonbody
+from gateway.errors import ServiceError
+from gateway.http.handler import (
+    SSE_PING_SECONDS,
+    ClientDisconnected,
+    parse_body,
+    record_of,
+    service_of,
+    unless_disconnected,
+)
 from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.observe.requestlog import RequestRecord
 from gateway.observe.usage import Usage
 from gateway.service.backend import Stream
-from gateway.service.service import Service
-
-B = TypeVar("B", bound=BaseModel)
-T = TypeVar("T")
-SSE_PING_SECONDS = 15
-
-
-def _service(request: Request) -> Service:
-    return request.app.state.service
-
-
-def _record(request: Request) -> RequestRecord:
-    """The request's record (gateway/http/middleware.py), or a detached one outside the app."""
-    record = getattr(request.state, "record", None)
-    return record if record is not None else RequestRecord(request.url.path)
-
-
-async def json_object(request: Request) -> dict[str, Any]:
-    """Every JSON body of /v1 and /admin is parsed here, strictly (gateway/http/jsonbody.py)."""
-    body = await request.body()
-    # Only JSON sent as JSON: a web page can send any other type (text/plain, a form, none)
-    # without a CORS preflight, so parsing those would let it skip the browser's check.
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if body and media_type != "application/json":
-        sent = repr(media_type) if media_type else "none"
-        raise UnsupportedMediaType(
-            "The request body must be JSON, sent with 'Content-Type: application/json' "
-            f"(this one's content type: {sent})."
-        )
-    try:
-        data = jsonbody.loads(body)
-    except jsonbody.JSONError as e:
-        raise InvalidRequest(f"The request body is not valid JSON: {e}.") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return data
-
-
-async def parse_body(request: Request, schema: type[B]) -> B:
-    data = await json_object(request)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise _validation_error(e) from None
-
-
-def _validation_error(e: ValidationError) -> InvalidRequest:
-    err = e.errors()[0]
-    # Union members add their type name to the location; a person wants the field path.
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPES))]
-    param = ".".join(loc) or None
-    if err["type"] == "missing":
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
-
-
-_TYPES = {"str", "int", "float", "bool", "list", "dict", "function-after", "TextPart"}
-
 
 # Models ---------------------------------------------------------------------------------------
 
@@ -115,39 +60,15 @@ def _entry(e: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
-    names = await _service(request).names()
+    names = await service_of(request).names()
     return JSONResponse({"object": "list", "data": [_entry(e) for e in names]})
 
 
 async def get_model(request: Request) -> Response:
-    return JSONResponse(_entry(await _service(request).name(request.path_params["model_id"])))
+    return JSONResponse(_entry(await service_of(request).name(request.path_params["model_id"])))
 
 
 # Generation -----------------------------------------------------------------------------------
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work` (waiting in a model's queue, generating); if the client leaves first, cancel
-    it, which takes the request out of the queue or stops its generation."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watch = asyncio.ensure_future(disconnected())
-    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        watch.cancel()
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, ServiceError):
-        await task
-    raise ClientDisconnected
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -302,16 +223,16 @@ class _Endpoint:
         body = await parse_body(request, self.schema)
         meta = _Meta(self.prefix, body.model)
         generate = body.generate_request()
-        work = _service(request).generate(generate, _record(request))
+        work = service_of(request).generate(generate, record_of(request))
         try:
-            stream = await _unless_disconnected(request, work)
+            stream = await unless_disconnected(request, work)
             if body.stream:
                 return EventSourceResponse(
                     self._stream(stream, meta, len(generate.choices), body.include_usage),
                     ping=SSE_PING_SECONDS,
                     sep="\n",
                 )
-            choices = await _unless_disconnected(request, stream.collect())
+            choices = await unless_disconnected(request, stream.collect())
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(
