@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -53,12 +53,18 @@ async def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-async def parse_body(request: Request, schema: type[B]) -> B:
+async def parse_body(
+    request: Request,
+    schema: type[B],
+    invalid: Callable[[ValidationError], InvalidRequest] | None = None,
+) -> B:
+    """The body as `schema`; what fails validation is a 400 worded by `invalid` (a protocol
+    may name fields its own way), by default naming the first bad field."""
     data = await json_object(request)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        raise _validation_error(e) from None
+        raise (invalid or _validation_error)(e) from None
 
 
 def _validation_error(e: ValidationError) -> InvalidRequest:

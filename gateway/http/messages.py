@@ -34,7 +34,7 @@ from gateway.errors import InvalidRequest, ServiceError
 from gateway.http.errorshape import anthropic_body
 from gateway.http.handler import (
     ClientDisconnected,
-    json_object,
+    parse_body,
     record_of,
     service_of,
     unless_disconnected,
@@ -207,14 +207,6 @@ class _Message:
         self._stop()
 
 
-async def _parse(request: Request, schema: type[B]) -> B:
-    data = await json_object(request)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise _invalid(e) from None
-
-
 def _invalid(e: ValidationError) -> InvalidRequest:
     """The most specific of the errors (the deepest: a bad block rather than "not a string"),
     with its field's path as Anthropic names it (messages.0.content.1.tool_use_id)."""
@@ -247,7 +239,7 @@ _TYPES = {"str", "int", "float", "bool", "list", "dict", "function-after"}
 
 
 async def create(request: Request) -> Response:
-    body = await _parse(request, MessagesRequest)
+    body = await parse_body(request, MessagesRequest, _invalid)
     generate = body.generate_request()
     message = _Message(body.model, body.omit_thinking)
     record = record_of(request)
@@ -314,7 +306,7 @@ async def _discard(work: asyncio.Future[Stream]) -> None:
 
 
 async def count_tokens(request: Request) -> Response:
-    body = await _parse(request, CountTokensRequest)
+    body = await parse_body(request, CountTokensRequest, _invalid)
     work = service_of(request).count_tokens(body.generate_request(), record_of(request))
     try:
         counted = await unless_disconnected(request, work)
