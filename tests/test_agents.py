@@ -23,7 +23,9 @@ from tests.agent_model import (
     FINAL_ANSWER,
     THINK_ANSWER,
     THOUGHT,
+    TIME_TOOL,
     TOOLS,
+    WEATHER_TOOL,
 )
 from tests.conftest import NO_EOS, Models, Server
 
@@ -354,6 +356,18 @@ def test_a_schema_that_cannot_be_enforced_is_refused(client: openai.OpenAI) -> N
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, ASK_WEATHER, tools=[dangling], tool_choice="required")
     assert "'dangling'" in e.value.body["message"]
+
+
+def test_a_keyword_the_grammar_cannot_enforce_is_left_unenforced(client: openai.OpenAI) -> None:
+    """Claude Code's tools use `propertyNames`, which llguidance does not implement: such a
+    tool is offered and its calls are held to the rest of its schema, not refused."""
+    weather = json.loads(json.dumps(WEATHER_TOOL))
+    weather["function"]["parameters"]["propertyNames"] = {"pattern": "^[a-z]+$"}
+    answer = ask(client, ASK_WEATHER, tools=[weather, TIME_TOOL]).choices[0]
+    assert answer.finish_reason == "tool_calls"
+    (call,) = answer.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
 def test_a_failing_call_grammar_ends_the_request_with_an_error(models: Models) -> None:

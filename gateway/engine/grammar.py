@@ -102,8 +102,15 @@ def _call_grammar(tools: list[dict[str, Any]]) -> tuple[str, str | None]:
             }
         )
     schema = {"$defs": defs, "anyOf": branches}
-    # Free whitespace would let a model pad a call forever.
-    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    # Free whitespace would let a model pad a call forever. Lenient: a keyword llguidance
+    # cannot enforce (Claude Code's tools use `propertyNames`) is left unenforced rather than
+    # refusing every request that offers the tool; the call is still JSON of that shape.
+    layout = {
+        "whitespace_flexible": False,
+        "item_separator": ", ",
+        "key_separator": ": ",
+        "lenient": True,
+    }
     try:
         grammar = LLMatcher.grammar_from_json_schema(
             json.dumps(schema),
