@@ -1,5 +1,6 @@
 """Fuzz the /v1 endpoints from the server's own /openapi.json (schemathesis generates valid and
-invalid requests from it): no 5xx, every error in OpenAI's shape, no worker crash, and the
+invalid requests from it): no 5xx, every error in its protocol's shape (OpenAI's, or
+Anthropic's under /v1/messages), no worker crash, and the
 server still answers afterwards.
 
 Half of the generated bodies name a real model, so valid requests reach a worker. The run is
@@ -27,6 +28,9 @@ from tests.server import Server, start_server
 OPERATIONS = [
     ("/v1/chat/completions", "POST"),
     ("/v1/completions", "POST"),
+    ("/v1/responses", "POST"),
+    ("/v1/messages", "POST"),
+    ("/v1/messages/count_tokens", "POST"),
     ("/v1/models/{model_id}", "GET"),
     ("/v1/models", "GET"),
 ]
@@ -46,7 +50,10 @@ def fuzzed(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def _check(response: Any, case: Any) -> None:
     assert response.status_code < 500, "a server error"
     if response.status_code >= 400:
-        error = response.json()["error"]
+        body = response.json()
+        if case.path.startswith("/v1/messages"):
+            assert body["type"] == "error", "not Anthropic's error shape"
+        error = body["error"]
         assert isinstance(error["message"], str) and error["message"], "no error message"
         assert isinstance(error["type"], str), "no error type"
     elif case.path.endswith("completions"):

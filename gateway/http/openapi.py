@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from gateway.http.messages_schema import CountTokensRequest, MessagesRequest
 from gateway.http.responses_schema import InputTokensRequest, ResponseCreate
 from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -66,6 +67,8 @@ def openapi_document() -> dict[str, Any]:
             (CompletionRequest, "validation"),
             (ResponseCreate, "validation"),
             (InputTokensRequest, "validation"),
+            (MessagesRequest, "validation"),
+            (CountTokensRequest, "validation"),
         ],
         ref_template="#/components/schemas/{model}",
     )
@@ -78,7 +81,7 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "mlx-manager",
             "version": app_version,
-            "description": "OpenAI-compatible API for local MLX models.",
+            "description": "OpenAI- and Anthropic-compatible API for local MLX models.",
         },
         "paths": {
             "/health": {"get": {"summary": "Liveness", "security": [], "responses": _ok()}},
@@ -102,6 +105,12 @@ def openapi_document() -> dict[str, Any]:
             "/v1/responses": _generation("Response (OpenAI Responses API)", "ResponseCreate"),
             "/v1/responses/input_tokens": _generation(
                 "Count a response's input tokens", "InputTokensRequest"
+            ),
+            # Anthropic's Messages API: its errors are Anthropic's shape, {"type": "error",
+            # "error": {"type", "message"}}.
+            "/v1/messages": _generation("Message (Anthropic Messages API)", "MessagesRequest"),
+            "/v1/messages/count_tokens": _generation(
+                "Count a message's input tokens (Anthropic)", "CountTokensRequest"
             ),
             "/v1/responses/{response_id}": {
                 "get": _stored("A stored response"),
