@@ -70,9 +70,11 @@ def build_tokenizer(
     special_tokens: tuple[str, ...] = (),
     chat_template: str = CHAT_TEMPLATE,
     texts: tuple[str, ...] = (),
+    repeat: int = 50,
 ) -> None:
     """Train a byte-level BPE tokenizer and save it with a chat template. `texts` join the
-    training corpus (often, so that they become few tokens)."""
+    training corpus `repeat` times (often, so that they become few tokens; once, for a
+    tokenizer that splits them as a real one splits prose)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +87,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed) + list(texts) * 50, trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) + list(texts) * repeat, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
@@ -99,6 +101,7 @@ def build_model(
     special_tokens: tuple[str, ...] = (),
     chat_template: str = CHAT_TEMPLATE,
     texts: tuple[str, ...] = (),
+    repeat: int = 50,
 ) -> Path:
     """Write a llama model with random weights and a trained tokenizer to `path` (extra
     special tokens such as `<think>`, the chat template and extra corpus are the
@@ -109,7 +112,7 @@ def build_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(path, spec.vocab_size, spec.seed, special_tokens, chat_template, texts)
+    build_tokenizer(path, spec.vocab_size, spec.seed, special_tokens, chat_template, texts, repeat)
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
