@@ -120,7 +120,8 @@ def launchd_plist(command: list[str], environment: dict[str, str], logs: Path) -
     return plistlib.dumps(agent)
 
 
-def plan(args: argparse.Namespace) -> Plan:
+def plan(args: argparse.Namespace) -> tuple[Plan, Path]:
+    """The file to write, and the folder of the server's logs."""
     settings = load_settings(
         {
             "host": args.host,
@@ -132,9 +133,10 @@ def plan(args: argparse.Namespace) -> Plan:
     )
     command = serve_command(args, settings)
     environment = service_environment(os.environ)
+    logs = settings.logs_dir
     if args.platform == "macos":
-        return Plan("macos", plist_path(), launchd_plist(command, environment, settings.logs_dir))
-    return Plan("linux", unit_path(), systemd_unit(command, environment).encode())
+        return Plan("macos", plist_path(), launchd_plist(command, environment, logs)), logs
+    return Plan("linux", unit_path(), systemd_unit(command, environment).encode()), logs
 
 
 def _usable(args: argparse.Namespace, manager: str) -> bool:
@@ -162,11 +164,13 @@ def _launchd_target() -> str:
 
 
 def install(args: argparse.Namespace) -> int:
-    planned = plan(args)
+    planned, logs = plan(args)
     if args.print:
         sys.stdout.write(planned.content.decode())
         return 0
     planned.path.parent.mkdir(parents=True, exist_ok=True)
+    if planned.platform == "macos":
+        logs.mkdir(parents=True, exist_ok=True)  # launchd opens its log files, not the folder
     replacing = planned.path.exists()
     # 0600: the environment may hold a key (MLX_MANAGER_API_KEY, HF_TOKEN).
     fd = os.open(planned.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
