@@ -13,6 +13,7 @@ from gateway.cli.tables import Column, age, cell, duration, size, table
 from gateway.errors import ServiceError
 from gateway.service.service import Service
 
+# The list's columns (where a model lives is in `models NAME`).
 MODEL_COLUMNS: dict[str, Column] = {
     "id": ("MODEL", str),
     "family": ("FAMILY", cell),
@@ -20,7 +21,6 @@ MODEL_COLUMNS: dict[str, Column] = {
     "context_length": ("CONTEXT", lambda v: "" if v is None else f"{v:,}"),
     "size_bytes": ("SIZE", size),
     "loaded": ("LOADED", cell),
-    "source": ("SOURCE", cell),
     "description": ("DESCRIPTION", cell),
 }
 

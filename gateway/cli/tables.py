@@ -24,7 +24,9 @@ SUFFIXES = ("_bytes", "_seconds", "_ms")
 
 GAP = "  "
 ELLIPSIS = "…"
-NARROWEST = 8  # a truncated column keeps at least this many characters (or its heading's)
+# A column is cut to no fewer characters than this (or its heading's): values this short
+# (sizes, spans, dates, numbers) are never cut but as a last resort.
+NARROWEST = 10
 
 
 def table(result: Any, columns: dict[str, Column] | None = None) -> str:
@@ -63,11 +65,12 @@ def aligned(rows: list[dict[str, str]], width: int | None) -> str:
     names = list(rows[0])
     widths = [max(len(n), *(len(r[n]) for r in rows)) for n in names]
     if width is not None:
-        room = width - len(GAP) * (len(names) - 1)
-        floors = [len(n) for n in names]
-        # The first column names the row: cut only when the others cannot make room.
-        kept = [widths[0], *floors[1:]]
-        widths = _fit(widths, kept if _least(widths, kept) <= room else floors, room)
+        fitted = None
+        while fitted is None:
+            fitted = _fit(widths, [len(n) for n in names], width - len(GAP) * (len(names) - 1))
+            if fitted is None:  # too narrow for every heading: the last columns are left out
+                names, widths = names[:-1], widths[:-1]
+        widths = fitted
 
     def line(cells: list[str]) -> str:
         return GAP.join(_cut(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -75,14 +78,16 @@ def aligned(rows: list[dict[str, str]], width: int | None) -> str:
     return "\n".join([line(names), *(line([r[n] for n in names]) for r in rows)])
 
 
-def _least(widths: list[int], floors: list[int]) -> int:
-    return sum(max(f, min(w, NARROWEST)) for w, f in zip(widths, floors, strict=True))
-
-
-def _fit(widths: list[int], floors: list[int], room: int) -> list[int]:
-    """Lower the widest columns to one cap, the highest that makes them all fit in `room`
-    (no column below its floor: its heading, or NARROWEST)."""
-    floors = [max(f, min(w, NARROWEST)) for w, f in zip(widths, floors, strict=True)]
+def _fit(widths: list[int], headings: list[int], room: int) -> list[int] | None:
+    """Lower the widest columns to one cap, the highest that makes them all fit in `room`.
+    What a column keeps, the first way that fits: the first column whole (it names the row)
+    and the others their heading; every column its heading. None if neither fits (but a
+    single column always does)."""
+    texts = [max(h, min(w, NARROWEST)) for w, h in zip(widths, headings, strict=True)]
+    tiers = [[widths[0], *texts[1:]], texts, [min(w, room) for w in widths[:1]]]
+    floors = next((t for t in tiers if sum(t) <= room and len(t) == len(widths)), None)
+    if floors is None:
+        return None
     cap = max(widths)
     while cap > 0 and sum(max(min(w, cap), f) for w, f in zip(widths, floors, strict=True)) > room:
         cap -= 1
@@ -97,7 +102,7 @@ def terminal_width() -> int | None:
     """The columns to fit: the terminal's (or $COLUMNS). None when printing to a pipe or a
     file with no $COLUMNS: nothing is cut there."""
     if "COLUMNS" in os.environ or sys.stdout.isatty():
-        return shutil.get_terminal_size().columns
+        return max(shutil.get_terminal_size().columns, 20)
     return None
 
 
