@@ -111,7 +111,7 @@ FOLLOW_SECONDS = 0.5
 
 
 # Column widths of `logs --follow`, which prints rows as they come and cannot measure them.
-FOLLOW_WIDTHS = (19, 28, 16, 24, 12, 10, 6, 6, 6, 6, 7, 10, 0)
+FOLLOW_WIDTHS = (12, 28, 16, 24, 12, 10, 6, 6, 6, 6, 7, 10, 0)
 
 
 def _print_requests(rows: list[dict[str, Any]], as_json: bool, header: bool, last: int) -> int:
