@@ -6,8 +6,17 @@ import argparse
 import sys
 
 from config.settings import SettingsError
+from gateway.cli.autostart import cmd_service
 from gateway.cli.keys import cmd_keys
-from gateway.cli.models import cmd_load, cmd_models, cmd_pull, cmd_rm, cmd_search, cmd_unload
+from gateway.cli.models import (
+    cmd_downloads,
+    cmd_load,
+    cmd_models,
+    cmd_pull,
+    cmd_rm,
+    cmd_search,
+    cmd_unload,
+)
 from gateway.cli.monitor import cmd_logs, cmd_ps, cmd_usage
 from gateway.cli.profiles import add_field_options, cmd_profiles
 from gateway.cli.serve import cmd_mcp, cmd_serve
@@ -21,30 +30,35 @@ def _positive(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every subcommand with its options; each sets `func`, the command that runs it."""
-    parser = argparse.ArgumentParser(prog="mlx-manager", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve local MLX models behind an OpenAI-compatible API")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8080)")
-    serve.add_argument("--home", help="data folder (default MLX_MANAGER_HOME or ~/.mlx-manager)")
-    serve.add_argument(
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `serve`, which `service install` writes into the service it installs."""
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8080)")
+    parser.add_argument("--home", help="data folder (default MLX_MANAGER_HOME or ~/.mlx-manager)")
+    parser.add_argument(
         "--model-dir",
         action="append",
         help="a folder of model folders (repeatable; replaces the setting)",
     )
-    serve.add_argument(
+    parser.add_argument(
         "--no-demo",
         action="store_true",
         help="do not build the offline demo model when no model is found",
     )
-    serve.add_argument(
+    parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
         default=None,
         help="allow binding beyond loopback with no API key (anyone who can reach it can use it)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand with its options; each sets `func`, the command that runs it."""
+    parser = argparse.ArgumentParser(prog="mlx-manager", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve local MLX models behind an OpenAI-compatible API")
+    add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
@@ -98,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = client("pull", "download a model from the Hugging Face hub")
     pull.add_argument("name", help="hub id, e.g. mlx-community/Qwen3-0.6B-4bit")
     pull.set_defaults(func=cmd_pull)
+    downloads = client("downloads", "downloads on the running server, with their progress")
+    downloads.add_argument("--cancel", metavar="ID", help="cancel the download with this id")
+    downloads.set_defaults(func=cmd_downloads)
     rm = client("rm", "delete a downloaded model from the Hugging Face cache")
     rm.add_argument("name")
     rm.add_argument("--unload", action="store_true", help="unload it first if it is loaded")
@@ -114,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("positional_name", nargs="?", metavar="NAME")
     keys.add_argument("--name", help="the key's name (for create and revoke)")
     keys.set_defaults(func=cmd_keys)
+    service = sub.add_parser(
+        "service", help="run `serve` at login: a systemd user unit or a launchd agent"
+    )
+    service.add_argument("action", choices=["install", "uninstall", "status"])
+    add_serve_options(service)
+    service.add_argument("--json", action="store_true", help="print JSON (status)")
+    service.add_argument(
+        "--platform",
+        choices=["linux", "macos"],
+        help="write a systemd unit (linux) or a launchd plist (macos); default: this system's",
+    )
+    service.add_argument(
+        "--print", action="store_true", help="install: print the file instead of writing it"
+    )
+    service.add_argument(
+        "--files-only",
+        action="store_true",
+        help="only write or remove the file; do not call systemctl or launchctl",
+    )
+    service.set_defaults(func=cmd_service)
     return parser
 
 

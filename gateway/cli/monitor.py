@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.run import interruptible, run
-from gateway.cli.tables import Column, cell, duration, shown, size, table
+from gateway.cli.tables import Column, cell, duration, millis, moment, number, shown, size, table
 from gateway.service.service import USAGE_GROUPS, Service
 
 PS_COLUMNS: dict[str, Column] = {
@@ -56,11 +56,11 @@ def _ps_table(rows: list[dict[str, Any]], memory: dict[str, int]) -> str:
     used = f"memory {size(memory['used_bytes'])} of {size(memory['budget_bytes'])} budget"
     if not rows:
         return f"no models loaded; {used}"
-    return table(shown(rows, PS_COLUMNS)) + f"\n{used}"
+    return table(rows, PS_COLUMNS) + f"\n{used}"
 
 
 REQUEST_COLUMNS: dict[str, Column] = {
-    "time": ("TIME", lambda v: v.replace("T", " ")[:19]),
+    "time": ("TIME", moment),
     "request_id": ("ID", str),
     "endpoint": ("ENDPOINT", lambda v: v.removeprefix("/v1/")),
     "model": ("MODEL", cell),
@@ -70,9 +70,9 @@ REQUEST_COLUMNS: dict[str, Column] = {
     "prompt_tokens": ("PROMPT", cell),
     "completion_tokens": ("OUTPUT", cell),
     "cached_tokens": ("CACHED", cell),
-    "ttft_ms": ("TTFT", lambda v: "-" if v is None else f"{v:.0f}ms"),
-    "duration_ms": ("TIME TAKEN", lambda v: "-" if v is None else f"{v / 1000:.2f}s"),
-    "error": ("ERROR", lambda v: "" if v is None else v if len(v) <= 60 else v[:57] + "..."),
+    "ttft_ms": ("TTFT", millis),
+    "duration_ms": ("TIME TAKEN", millis),
+    "error": ("ERROR", cell),
 }
 
 
@@ -93,7 +93,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         rows = list(reversed(await service.requests_log(**filters, limit=args.limit)))
         if not args.follow:
             if args.json or rows:
-                return rows if args.json else table(shown(rows, REQUEST_COLUMNS))
+                return rows if args.json else table(rows, REQUEST_COLUMNS)
             off = not service.request_log_enabled
             return (
                 "(none: the request log is off, MLX_MANAGER_LOG_RETENTION=0)" if off else "(none)"
@@ -111,7 +111,7 @@ FOLLOW_SECONDS = 0.5
 
 
 # Column widths of `logs --follow`, which prints rows as they come and cannot measure them.
-FOLLOW_WIDTHS = (19, 28, 16, 24, 12, 10, 6, 6, 6, 6, 7, 10, 0)
+FOLLOW_WIDTHS = (12, 28, 16, 24, 12, 10, 6, 6, 6, 6, 7, 10, 0)
 
 
 def _print_requests(rows: list[dict[str, Any]], as_json: bool, header: bool, last: int) -> int:
@@ -155,6 +155,21 @@ def _worker_log(args: argparse.Namespace) -> Callable[[Service], Awaitable[Any]]
     return show
 
 
+USAGE_GROUP_HEADINGS = {"model": "MODEL", "key_name": "KEY"}
+USAGE_COLUMNS: dict[str, Column] = {
+    "requests": ("REQUESTS", cell),
+    "errors": ("ERRORS", lambda v: number(v or 0)),
+    "cancelled": ("CANCELLED", lambda v: number(v or 0)),
+    "prompt_tokens": ("PROMPT", cell),
+    "completion_tokens": ("OUTPUT", cell),
+    "cached_tokens": ("CACHED", cell),
+    "avg_ttft_ms": ("TTFT AVG", millis),
+    "max_ttft_ms": ("TTFT MAX", millis),
+    "avg_duration_ms": ("TIME AVG", millis),
+    "tokens_per_second": ("TOK/S", lambda v: "-" if v is None else f"{v:.1f}"),
+}
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     """Usage from the request log over a window, per model, per key or both."""
 
@@ -162,7 +177,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
         stats = await service.usage_stats(args.since, args.by)
         if args.json:
             return stats
-        total = {**dict.fromkeys(USAGE_GROUPS[args.by], "(all)"), **stats["total"]}
-        return f"since {stats['since']}\n" + table([*stats["rows"], total])
+        groups = USAGE_GROUPS[args.by]
+        total = {**dict.fromkeys(groups, "(all)"), **stats["total"]}
+        columns = {g: (USAGE_GROUP_HEADINGS.get(g, g.upper()), str) for g in groups}
+        return f"since {moment(stats['since'])}\n" + table(
+            [*stats["rows"], total], columns | USAGE_COLUMNS
+        )
 
     return run(args, usage)

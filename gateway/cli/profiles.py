@@ -11,6 +11,23 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from gateway.catalog.profiles import FIELDS, Profile
 from gateway.cli.run import run
+from gateway.cli.tables import Column, age, cell, duration
+
+# The list's columns; `profiles show NAME` has every field.
+PROFILE_COLUMNS: dict[str, Column] = {
+    "name": ("NAME", str),
+    "model": ("MODEL", cell),
+    "aliases": ("ALIASES", cell),
+    "temperature": ("TEMP", cell),
+    "top_p": ("TOP P", cell),
+    "max_tokens": ("MAX TOKENS", cell),
+    "context_length": ("CONTEXT", cell),
+    "ttl": ("TTL", lambda v: "" if v is None else "never" if v == 0 else duration(v)),
+    "pinned": ("PINNED", lambda v: "yes" if v else ""),
+    "updated": ("UPDATED", age),
+    "description": ("DESCRIPTION", cell),
+    "error": ("ERROR", cell),
+}
 
 
 def add_field_options(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +91,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     fields = given_fields(args)
     action = args.action
     if action == "list":
-        return run(args, lambda m: m.list_profiles())
+        return run(args, lambda m: m.list_profiles(), columns=PROFILE_COLUMNS)
     if not args.name:
         print(f"mlx-manager: profiles {action} needs a NAME", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from config.settings import Settings, load_settings
-from gateway.cli.tables import table
+from gateway.cli.tables import Column, table
 from gateway.errors import ServiceError
 from gateway.service.connect import connect
 from gateway.service.service import Service
@@ -28,10 +28,14 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def run(
-    args: argparse.Namespace, work: Callable[[Service], Awaitable[Any]], server: bool = False
+    args: argparse.Namespace,
+    work: Callable[[Service], Awaitable[Any]],
+    server: bool = False,
+    columns: dict[str, Column] | None = None,
 ) -> int:
     """Run `work` on the service: the running server's workers when one is up, otherwise
-    this process's own (or, with `server`, an error saying to start one)."""
+    this process's own (or, with `server`, an error saying to start one). Its result is
+    printed as JSON with --json, else as a table (of `columns`) or as it is, if text."""
 
     async def main() -> Any:
         service = await connect(settings(args), server_only=server)
@@ -48,7 +52,7 @@ def run(
     if isinstance(result, str):
         print(result)
     elif result is not None:
-        print(json.dumps(result, indent=2) if args.json else table(result))
+        print(json.dumps(result, indent=2) if args.json else table(result, columns))
     return 0
 
 
