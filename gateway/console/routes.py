@@ -78,9 +78,8 @@ class CachedStatic(StaticFiles):
         return response
 
 
-def _render(request: Request, name: str, **context: Any) -> Response:
-    response = templates.TemplateResponse(request, name, context, headers=HEADERS)
-    return response
+def _render(request: Request, template: str, /, **context: Any) -> Response:
+    return templates.TemplateResponse(request, template, context, headers=HEADERS)
 
 
 def _service(request: Request) -> Service:
@@ -355,7 +354,9 @@ async def keys(request: Request) -> Response:
 async def create_key(request: Request) -> Response:
     created = await _service(request).create_key(_field(await _form(request), "name"))
     response = _render(request, "frag/key_created.html", key=created)
-    response.headers["HX-Trigger"] = "keys-changed"
+    # After the swap: the console keeps the first key made as its own (app.js) before the
+    # list is fetched again, which from now on needs a key.
+    response.headers["HX-Trigger-After-Settle"] = "keys-changed"
     return response
 
 
