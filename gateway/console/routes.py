@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import Scope
 
-from gateway.console.filters import FILTERS
+from gateway.console.filters import FILTERS, size
 from gateway.console.forms import PROFILE_FIELDS, profile_changes
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.service.service import Service
@@ -92,9 +92,13 @@ async def page(request: Request) -> Response:
     return _render(request, f"{name}.html", page=name, title=title, pages=PAGES)
 
 
-def _notice(request: Request, message: str, error: bool = False, **headers: str) -> Response:
+def _notice(
+    request: Request, message: str, error: bool = False, trigger: str | None = None
+) -> Response:
+    """A message for the page's notice area; `trigger`: an event that refreshes a list."""
     response = _render(request, "frag/notice.html", message=message, error=error)
-    response.headers.update(headers)
+    if trigger:
+        response.headers["HX-Trigger"] = trigger
     return response
 
 
@@ -189,7 +193,7 @@ async def unload(request: Request) -> Response:
 async def delete_model(request: Request) -> Response:
     name = _field(await _form(request), "model")
     result = await _service(request).delete_model(name)
-    freed = FILTERS["size"](result["freed_bytes"])
+    freed = size(result["freed_bytes"])
     return _notice(request, f"Deleted {name} ({freed} freed).")
 
 
@@ -214,7 +218,7 @@ async def downloads(request: Request) -> Response:
 async def start_download(request: Request) -> Response:
     name = _field(await _form(request), "model")
     await _service(request).download_model(name, wait=False)
-    return _notice(request, f"Downloading {name}.", **{"HX-Trigger": "downloads-changed"})
+    return _notice(request, f"Downloading {name}.", trigger="downloads-changed")
 
 
 @action
@@ -275,14 +279,14 @@ async def save_profile(request: Request) -> Response:
             fields=PROFILE_FIELDS,
             models=await _model_ids(service),
         )
-    return _notice(request, f"Saved profile {saved['name']}.", **{"HX-Trigger": "profiles-changed"})
+    return _notice(request, f"Saved profile {saved['name']}.", trigger="profiles-changed")
 
 
 @action
 async def delete_profile(request: Request) -> Response:
     name = request.path_params["name"]
     await _service(request).delete_profile(name)
-    return _notice(request, f"Deleted profile {name}.", **{"HX-Trigger": "profiles-changed"})
+    return _notice(request, f"Deleted profile {name}.", trigger="profiles-changed")
 
 
 # Chat -----------------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ async def create_key(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     name = request.path_params["name"]
     await _service(request).revoke_key(name)
-    return _notice(request, f"Revoked key {name}.", **{"HX-Trigger": "keys-changed"})
+    return _notice(request, f"Revoked key {name}.", trigger="keys-changed")
 
 
 ROUTES: list[BaseRoute] = [
