@@ -41,6 +41,7 @@ def ensure_demo_model(settings: Settings) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway.console import routes as console
     from gateway.http.app import create_app
     from gateway.http.connections import http_protocol
     from mcp_tools.server import build_mcp
@@ -70,7 +71,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         uvicorn.run(
-            create_app(settings, service, build_mcp(service)),
+            create_app(
+                settings,
+                service,
+                build_mcp(service),
+                pages=console.ROUTES,
+                open_paths=console.OPEN_PATHS,
+                open_prefixes=console.OPEN_PREFIXES,
+            ),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,

@@ -4,7 +4,7 @@ lifespan that starts and stops the service."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager, nullcontext
 
 from mcp.server.mcpserver import MCPServer
@@ -14,12 +14,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 from config.settings import Settings
 from gateway.errors import ServiceError
 from gateway.http import admin, messages, responses, v1
 from gateway.http.errorshape import error_response
 from gateway.http.middleware import (
+    OPEN_PATHS,
     AuthMiddleware,
     BodyDeadlineMiddleware,
     BodyLimitMiddleware,
@@ -72,9 +74,18 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, error, _request_id(request))
 
 
-def create_app(settings: Settings, service: Service, mcp: MCPServer | None = None) -> Starlette:
+def create_app(
+    settings: Settings,
+    service: Service,
+    mcp: MCPServer | None = None,
+    pages: Sequence[BaseRoute] = (),
+    open_paths: Collection[str] = (),
+    open_prefixes: tuple[str, ...] = (),
+) -> Starlette:
     """The HTTP face over `service`, with an MCP server's streamable HTTP transport at /mcp
-    (the composition root, gateway/cli/serve.py, builds the two faces over one service)."""
+    and the web console's `pages` (the composition root, gateway/cli/serve.py, builds the
+    faces over one service). `open_paths` and `open_prefixes` answer without a key: the
+    console's page shells and static files, which hold no data."""
     policy = host_policy(settings)
     mcp_app = None
     if mcp is not None:
@@ -102,6 +113,7 @@ def create_app(settings: Settings, service: Service, mcp: MCPServer | None = Non
         *v1.ROUTES,
         *responses.ROUTES,
         *messages.ROUTES,
+        *pages,
         # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
         # still gets this app's own OpenAI-shaped 404.
         *(mcp_app.routes if mcp_app is not None else []),
@@ -123,7 +135,13 @@ def create_app(settings: Settings, service: Service, mcp: MCPServer | None = Non
             allow_private_network=True,
             expose_headers=["x-request-id", "retry-after", "mcp-session-id"],
         ),
-        Middleware(AuthMiddleware, keys=service.keys, limit=settings.max_concurrent_per_key),
+        Middleware(
+            AuthMiddleware,
+            keys=service.keys,
+            limit=settings.max_concurrent_per_key,
+            open_paths=OPEN_PATHS | frozenset(open_paths),
+            open_prefixes=open_prefixes,
+        ),
         Middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes),
         Middleware(BodyDeadlineMiddleware, seconds=settings.request_read_timeout),
     ]

@@ -144,14 +144,25 @@ def presented_key(headers: Headers) -> str | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: ApiKeys, limit: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: ApiKeys,
+        limit: int,
+        open_paths: frozenset[str] = OPEN_PATHS,
+        open_prefixes: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.keys = keys
+        # Paths answered without a key; they must carry no data (a health check, the schema,
+        # the console's page shells and static files).
+        self.open_paths = open_paths
+        self.open_prefixes = open_prefixes
         self.limit = limit  # requests in flight per key (MLX_MANAGER_MAX_CONCURRENT_PER_KEY)
         self.in_flight: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or not self.keys.required():
+        if scope["type"] != "http" or self._open(scope["path"]) or not self.keys.required():
             await self.app(scope, receive, send)
             return
         key = presented_key(Headers(scope=scope))
@@ -185,6 +196,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)  # returns when the response (stream) ends
         finally:
             self.in_flight[name] -= 1
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     def _touch(self, name: str) -> None:
         try:
