@@ -65,8 +65,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_demo:
         ensure_demo_model(settings)
     auth = "API key required" if service.keys.required() else "no API key required"
+    base = f"http://{settings.host}:{settings.port}"
     print(
-        f"mlx-manager serving on http://{settings.host}:{settings.port}/v1 ({auth})",
+        f"mlx-manager serving on {base}/v1 ({auth}); console at {base}/; "
+        f"Anthropic API at {base}/v1/messages, Responses at {base}/v1/responses",
         file=sys.stderr,
     )
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.units import format_bytes
+from gateway.units import format_bytes, format_duration
 
 
 def size(n: int | None) -> str:
@@ -10,15 +10,8 @@ def size(n: int | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """3 s, 4 min 05 s, 2 h 03 min; a dash when unknown."""
-    if seconds is None:
-        return "—"
-    s = int(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    """As the command line writes spans (45s, 3m20s, 2h05m); a dash when unknown."""
+    return "—" if seconds is None else format_duration(seconds)
 
 
 def rate(bytes_per_second: float | None) -> str:
