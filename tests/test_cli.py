@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 
 from gateway.cli.progress import ProgressLine, download_text
@@ -184,7 +185,11 @@ def test_tables_for_people(server: Any, models: Models) -> None:
     logs = shown(200, "logs", "-n", "1")
     assert re.fullmatch(r"\d\d:\d\d:\d\d", logs[1].split()[0])  # today's local time
     assert "T" in as_json(env, "logs", "-n", "1")[0]["time"]  # the raw ISO time
-    assert shown(120, "usage")[-1].split()[0] == "(all)"
+    # A request refused before it named a model is a usage row of its own, shown as such.
+    refused = httpx.post(server.v1 + "/chat/completions", json={"messages": hello}, timeout=30)
+    assert refused.status_code == 400
+    usage = shown(120, "usage")
+    assert usage[-1].split()[0] == "(all)" and any(u.split()[0] == "(none)" for u in usage)
     assert as_json(env, "usage")["total"]["requests"] >= 1
     assert shown(100, "ps")[0].split()[:2] == ["MODEL", "STATE"]
     assert shown(40, "ps")[0].split()[:2] == ["MODEL", "STATE"]

@@ -175,17 +175,19 @@ def test_metrics_count_requests_tokens_and_latency(srv: Server) -> None:
 
 
 def test_gauges_ps_and_cancelled_request_while_a_stream_runs(srv: Server) -> None:
+    # tiny-big: its 1500 tokens take long enough on a busy machine that the stream still
+    # runs while the CLI is asked twice and the metrics scraped.
     env = cli_env(srv)
     stream = sdk(srv).chat.completions.create(
-        model="tiny-b", messages=HELLO, max_tokens=1500, stream=True, **NO_EOS, **rid("t-cut")
+        model="tiny-big", messages=HELLO, max_tokens=1500, stream=True, **NO_EOS, **rid("t-cut")
     )
     next(iter(stream))
     # tokens/s comes from the worker's reports, at least twice a second while it generates.
     ps = srv.wait_for(
         lambda: [
-            r for r in as_json(env, "ps") if r["model"] == "tiny-b" and r["tokens_per_second"] > 0
+            r for r in as_json(env, "ps") if r["model"] == "tiny-big" and r["tokens_per_second"] > 0
         ],
-        what="tiny-b's tokens/s in ps",
+        what="tiny-big's tokens/s in ps",
     )[0]
     assert ps["state"] == "ready" and ps["in_flight"] == 1
     table = cli(env, "ps")
@@ -205,19 +207,19 @@ def test_gauges_ps_and_cancelled_request_while_a_stream_runs(srv: Server) -> Non
         "SERVED",
         "TOK/S",
     ]
-    line = next(x.split() for x in lines if x.startswith("tiny-b "))
+    line = next(x.split() for x in lines if x.startswith("tiny-big "))
     assert line[1] == "ready" and line[3 + 1] in ("KiB", "MiB", "GiB")  # "1.2 MiB"
     assert int(line[-3]) == 1 and float(line[-1]) > 0  # running, tokens/s
     assert "budget" in lines[-1]
     samples = scrape(srv)
-    assert value(samples, "mlx_manager_model_requests_in_flight", model="tiny-b") == 1
-    assert value(samples, "mlx_manager_model_tokens_per_second", model="tiny-b") > 0
-    assert value(samples, "mlx_manager_model_queue_depth", model="tiny-b") == 0
+    assert value(samples, "mlx_manager_model_requests_in_flight", model="tiny-big") == 1
+    assert value(samples, "mlx_manager_model_tokens_per_second", model="tiny-big") > 0
+    assert value(samples, "mlx_manager_model_queue_depth", model="tiny-big") == 0
     stream.close()
     cut = row(srv, "t-cut")
     assert cut["status"] == 499 and "disconnected" in cut["error"]
     assert cut["completion_tokens"] >= 1 and cut["stream"] is True
-    srv.wait_for(lambda: srv.worker("tiny-b")["tokens_per_second"] == 0, what="tiny-b idle")
+    srv.wait_for(lambda: srv.worker("tiny-big")["tokens_per_second"] == 0, what="tiny-big idle")
 
 
 def test_ps_watch_redraws_until_interrupted(srv: Server) -> None:

@@ -170,6 +170,10 @@ USAGE_COLUMNS: dict[str, Column] = {
 }
 
 
+def _group(value: Any) -> str:
+    return "(none)" if value is None else str(value)
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     """Usage from the request log over a window, per model, per key or both."""
 
@@ -179,7 +183,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
             return stats
         groups = USAGE_GROUPS[args.by]
         total = {**dict.fromkeys(groups, "(all)"), **stats["total"]}
-        columns = {g: (USAGE_GROUP_HEADINGS.get(g, g.upper()), str) for g in groups}
+        # Requests refused before they named a model (or without a key) group under none.
+        columns = {g: (USAGE_GROUP_HEADINGS.get(g, g.upper()), _group) for g in groups}
         return f"since {moment(stats['since'])}\n" + table(
             [*stats["rows"], total], columns | USAGE_COLUMNS
         )
