@@ -138,6 +138,7 @@ def test_generate(client: ollama.Client) -> None:
 
 
 def test_options(client: ollama.Client) -> None:
+    long = {"num_predict": 30, "stop": ["never-in-this-answer"]}
     short = client.generate(model="tiny-a", prompt="hi", options={"num_predict": 2})
     assert short.eval_count <= 2
     sampled = {
@@ -160,6 +161,25 @@ def test_options(client: ollama.Client) -> None:
     assert first.response == again.response  # the seed decides
     other = client.generate(model="tiny-a", prompt="hi", options={**sampled, "seed": 8})
     assert other.response != first.response or other.eval_count != first.eval_count
+    # min_p 1 keeps only the likeliest token: sampling at temperature 1 is greedy decoding.
+    greedy = client.generate(model="tiny-a", prompt="hi", options={"temperature": 0, **long})
+    only_top = {"temperature": 1.0, "seed": 3, "min_p": 1.0, **long}
+    assert client.generate(model="tiny-a", prompt="hi", options=only_top).response == (
+        greedy.response
+    )
+    # A stop string ends the answer before it.
+    text = greedy.response
+    assert len(text) >= 12, text
+    stop = text[8:12]
+    cut = client.generate(
+        model="tiny-a", prompt="hi", options={"temperature": 0, "num_predict": 30, "stop": stop}
+    )
+    assert cut.response == text[: text.index(stop)] and cut.done_reason == "stop"
+    # A random model's greedy answer repeats itself; repeat_penalty changes it.
+    penalised = {"temperature": 0, "repeat_penalty": 10.0, **long}
+    assert client.generate(model="tiny-a", prompt="hi", options=penalised).response != (
+        greedy.response
+    )
     # num_ctx caps the context: a prompt beyond it is refused.
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="tiny-a", prompt="hello world " * 20, options={"num_ctx": 8})
@@ -236,6 +256,9 @@ def test_load_and_unload_without_messages(client: ollama.Client, server: Server)
     gone = client.generate(model="tiny-b", prompt="", keep_alive=0)
     assert gone.done and gone.done_reason == "unload"
     server.wait_for(lambda: server.worker("tiny-b") is None, what="tiny-b unloaded")
+    # keep_alive 0 on a real request: the model goes once it has answered.
+    assert client.chat(model="tiny-b", messages=HELLO, options=GREEDY, keep_alive=0).done
+    server.wait_for(lambda: server.worker("tiny-b") is None, what="tiny-b unloaded again")
 
 
 def test_errors(client: ollama.Client, server: Server) -> None:
@@ -389,7 +412,12 @@ def test_keys_request_log_and_metrics(models: Models, tmp_path: Path) -> None:
         assert e.value.status_code == 401
         r = httpx.post(srv.url + "/api/chat", json={"model": "tiny-a", "messages": HELLO})
         assert r.status_code == 401 and list(r.json()) == ["error"]
-        assert httpx.head(srv.url + "/").status_code == 200  # the probe still answers
+        # The probes still answer: they carry no data.
+        assert httpx.head(srv.url + "/").status_code == 200
+        assert httpx.get(srv.url + "/api/version").status_code == 200
+        for method, path in (("GET", "/api/tags"), ("POST", "/api/show"), ("GET", "/api/ps")):
+            r = httpx.request(method, srv.url + path, json={"model": "tiny-a"})
+            assert r.status_code == 401 and list(r.json()) == ["error"], path
         auth = {"Authorization": f"Bearer {key}"}
         before = scrape(srv, auth)
         client = ollama.Client(host=srv.url, headers={**auth, "x-request-id": "oll-chat"})

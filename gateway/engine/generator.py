@@ -430,7 +430,7 @@ class Engine:
                 logprobs = apply_top_k(logprobs, top_k)
             if 0 < top_p < 1:
                 logprobs = apply_top_p(logprobs, top_p)
-            if 0 < min_p < 1:
+            if 0 < min_p <= 1:
                 logprobs = apply_min_p(logprobs, min_p)
             if key is None:
                 return mx.random.categorical(logprobs * (1 / temp))
