@@ -448,3 +448,47 @@ def test_keys_request_log_and_metrics(models: Models, tmp_path: Path) -> None:
             assert value(after, name, **labels) - value(before, name, **labels) == 1
     finally:
         srv.stop()
+
+
+# The bodies, without a server ------------------------------------------------------------------
+
+
+def test_names_and_options_map_onto_the_neutral_request() -> None:
+    from gateway.http.ollama_schema import ChatRequest, CreateBody, GenerateBody, model_name
+
+    assert model_name("tiny-a:latest") == "tiny-a" and model_name("llama:8b") == "llama:8b"
+    body = ChatRequest.model_validate(
+        {
+            "model": "org/m:latest",
+            "messages": TOOL_LOOP,
+            "tools": TOOLS,
+            "think": "medium",
+            "keep_alive": "5m",
+            "options": {"num_predict": -1, "stop": "x", "repeat_penalty": 1, "num_ctx": 64},
+        }
+    )
+    request = body.generate_request()
+    (choice,) = request.choices
+    assert request.model == "org/m" and request.stream is True and request.keep_alive == 300
+    assert (choice.max_tokens, choice.stop, choice.repetition_penalty) == (None, ["x"], None)
+    assert (choice.context_length, choice.thinking, choice.reasoning_budget) == (64, True, 4096)
+    assert choice.tool_choice == "auto" and choice.tool_grammar
+    assert choice.messages is not None
+    call = choice.messages[1]["tool_calls"][0]["function"]
+    assert call == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert choice.messages[2] == {"role": "tool", "content": "sunny, 21C", "name": "get_weather"}
+    raw = GenerateBody.model_validate(
+        {"model": "m", "prompt": "<s>hi", "raw": True, "system": "ignored", "format": "json"}
+    ).generate_request()
+    assert raw.choices[0].kind == "completion" and raw.choices[0].prompt == "<s>hi"
+    assert raw.choices[0].grammar
+    plain = GenerateBody.model_validate({"model": "m", "prompt": "hi", "system": "S"})
+    assert plain.generate_request().choices[0].messages == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "hi"},
+    ]
+    made = CreateBody.model_validate(
+        {"model": "x", "from": "m", "system": "S", "parameters": {"num_ctx": 512}}
+    )
+    assert made.refused() is None
+    assert made.profile_fields() == {"context_length": 512, "system_prompt": "S"}
