@@ -492,3 +492,22 @@ def test_names_and_options_map_onto_the_neutral_request() -> None:
     )
     assert made.refused() is None
     assert made.profile_fields() == {"context_length": 512, "system_prompt": "S"}
+
+
+def test_a_client_that_leaves_stops_the_generation(server: Server) -> None:
+    """Closing an NDJSON stream cancels the generation: its row says 499, with the tokens it
+    made, far fewer than asked for."""
+    body = {
+        "model": "tiny-big",
+        "prompt": "hi",
+        "options": {"temperature": 1.0, "seed": 1, "num_predict": 4000},
+    }
+    headers = {**server.headers, "x-request-id": "oll-leaves"}
+    with httpx.stream(
+        "POST", server.url + "/api/generate", json=body, headers=headers, timeout=120
+    ) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(lines))
+        assert first["done"] is False
+    found = row(server, "oll-leaves")
+    assert found["status"] == 499 and found["completion_tokens"] < 4000
