@@ -115,7 +115,7 @@ class Engine:
         self.shows_tools: bool | None = None  # does the template show tools? (found on first use)
         self.seqs: dict[int, _Sequence] = {}
         self.uid_of: dict[str, int] = {}
-        self.samplers: dict[tuple[float, float, int], Callable[..., Any]] = {}
+        self.samplers: dict[tuple[float, float, int, float], Callable[..., Any]] = {}
         self.generated_total = 0
         self.token_texts: dict[int, str] = {}
         self.reported: tuple[int, int] | None = None
@@ -404,18 +404,20 @@ class Engine:
 
     def _sampler(self, req: dict[str, Any]) -> Callable[..., Any]:
         mx = self.mx
-        from mlx_lm.sample_utils import apply_top_k, apply_top_p
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
         temp = float(req.get("temperature") or 0.0)
         top_p = float(req.get("top_p") or 0.0) if req.get("top_p") is not None else 1.0
         top_k = int(req.get("top_k") or 0)
         if not 0 < top_k < self.vocab_size:
             top_k = 0  # 0, or at least the whole vocabulary: no cut
+        min_p = float(req.get("min_p") or 0.0)
         seed = req.get("seed")
         if temp == 0:
-            temp, top_p, top_k, seed = 0.0, 1.0, 0, None  # greedy: one sampler batches every row
-        if seed is None and (temp, top_p, top_k) in self.samplers:
-            return self.samplers[(temp, top_p, top_k)]
+            # greedy: one sampler batches every row
+            temp, top_p, top_k, min_p, seed = 0.0, 1.0, 0, 0.0, None
+        if seed is None and (temp, top_p, top_k, min_p) in self.samplers:
+            return self.samplers[(temp, top_p, top_k, min_p)]
         # A request with a seed owns a PRNG key so its output does not depend on what else is
         # in the batch (mx.random's global state is shared by every row).
         # PRNG keys are uint64: a negative or n>1-shifted seed wraps instead of failing.
@@ -428,13 +430,15 @@ class Engine:
                 logprobs = apply_top_k(logprobs, top_k)
             if 0 < top_p < 1:
                 logprobs = apply_top_p(logprobs, top_p)
+            if 0 < min_p <= 1:
+                logprobs = apply_min_p(logprobs, min_p)
             if key is None:
                 return mx.random.categorical(logprobs * (1 / temp))
             key[0], sub = mx.random.split(key[0])
             return mx.random.categorical(logprobs * (1 / temp), key=sub)
 
         if seed is None:
-            self.samplers[(temp, top_p, top_k)] = sample
+            self.samplers[(temp, top_p, top_k, min_p)] = sample
         return sample
 
     def _processors(self, req: dict[str, Any]) -> list[Any]:
@@ -444,6 +448,7 @@ class Engine:
             logit_bias=req.get("logit_bias") or None,
             presence_penalty=req.get("presence_penalty") or None,
             frequency_penalty=req.get("frequency_penalty") or None,
+            repetition_penalty=req.get("repetition_penalty") or None,
         )
 
     def cancel(self, rid: str) -> None:

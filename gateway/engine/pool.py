@@ -155,8 +155,10 @@ class ModelPool:
     ) -> Generation:
         """Start generating `requests` (complete: defaults and limits applied by the service)
         on the model's worker, loading it first if need be."""
+        asked = time.perf_counter()
         lease = await self.acquire(resolved, keep_alive)
         generation = Generation(lease.handle, lease.release, requests, n, on_close)
+        generation.load_seconds = generation.started - asked
         await generation.start()
         return generation
 

@@ -45,6 +45,8 @@ class GenerationRequest:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # sample among the k likeliest tokens only (Anthropic's top_k)
+    min_p: float | None = None  # drop tokens below min_p times the likeliest one's probability
+    repetition_penalty: float | None = None  # divides the logits of recent tokens (1: none)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False

@@ -61,6 +61,8 @@ class Generation:
         self._reasoning_tokens = 0
         self._token_events = [0] * len(requests)  # token events seen, per unfinished choice
         self._first: float | None = None
+        self.started = time.perf_counter()  # made once a worker was leased
+        self.load_seconds = 0.0  # waited for that worker (its load): set by the pool
         self._index: dict[str, int] = {}
         self._early: list[Event] = []
         self._open: set[str] = set()
@@ -140,6 +142,8 @@ class Generation:
             cached_tokens=sum(self._cached[:: self.n]),
             reasoning_tokens=self._reasoning_tokens,
             first_token=self._first,
+            started=self.started,
+            load_seconds=self.load_seconds,
             finish_reasons=list(dict.fromkeys(r for r in self._reasons if r)),
         )
 

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute
 
 from config.settings import Settings
 from gateway.errors import ServiceError
-from gateway.http import admin, messages, responses, v1
+from gateway.http import admin, messages, ollama, responses, v1
 from gateway.http.errorshape import error_response
 from gateway.http.middleware import (
     OPEN_PATHS,
@@ -113,6 +113,7 @@ def create_app(
         *v1.ROUTES,
         *responses.ROUTES,
         *messages.ROUTES,
+        *ollama.ROUTES,
         *pages,
         # /mcp, taken from the SDK's app rather than mounted at "/", so that every other path
         # still gets this app's own OpenAI-shaped 404.

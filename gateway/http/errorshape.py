@@ -1,8 +1,8 @@
 """Which shape an error answer takes: each protocol's clients parse their own (OpenAI's
 `{"error": {"message", "type", "param", "code"}}`, Anthropic's `{"type": "error", "error":
-{"type", "message"}}`). Chosen by path, so that the middleware's refusals (a missing key, a
-body too large, a foreign origin) reach a client in the shape its SDK reads, like the handlers'
-own errors."""
+{"type", "message"}}`, Ollama's `{"error": "..."}`). Chosen by path, so that the middleware's
+refusals (a missing key, a body too large, a foreign origin) reach a client in the shape its
+SDK reads, like the handlers' own errors."""
 
 from __future__ import annotations
 
@@ -43,9 +43,15 @@ def openai_body(exc: ServiceError, request_id: str | None = None) -> dict[str, A
     return exc.body()
 
 
+def ollama_body(exc: ServiceError, request_id: str | None = None) -> dict[str, Any]:
+    """Ollama's clients read `{"error": "..."}` and the status."""
+    return {"error": exc.message}
+
+
 # Path prefix -> body of an error answer there; the first match wins, OpenAI's is the default.
 SHAPES: list[tuple[str, Callable[[ServiceError, str | None], dict[str, Any]]]] = [
     ("/v1/messages", anthropic_body),
+    ("/api", ollama_body),
 ]
 
 

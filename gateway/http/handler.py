@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -102,3 +103,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     with contextlib.suppress(asyncio.CancelledError, ServiceError):
         await task
     raise ClientDisconnected
+
+
+def arguments_object(text: str) -> dict[str, Any]:
+    """A tool call's arguments as an object (Anthropic's and Ollama's answers carry them so);
+    a call cut off mid-way (max_tokens) has none."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

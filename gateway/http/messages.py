@@ -34,6 +34,7 @@ from gateway.errors import InvalidRequest, ServiceError
 from gateway.http.errorshape import anthropic_body
 from gateway.http.handler import (
     ClientDisconnected,
+    arguments_object,
     parse_body,
     record_of,
     service_of,
@@ -71,15 +72,6 @@ def _usage(usage: Usage) -> dict[str, int]:
 def _tool_id(call_id: str) -> str:
     """Anthropic's ids start with toolu_; the engine's with call_ (OpenAI's)."""
     return "toolu_" + call_id.removeprefix("call_")
-
-
-def _arguments(text: str) -> dict[str, Any]:
-    """A call's input as an object; a call cut off mid-way (max_tokens) has none."""
-    try:
-        value = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class _Message:
@@ -152,7 +144,7 @@ class _Message:
         if block["type"] == "thinking":  # Anthropic closes a thinking block with its signature
             events.append(self._delta({"type": "signature_delta", "signature": ""}))
         elif block["type"] == "tool_use":
-            block["input"] = _arguments(self.arguments)
+            block["input"] = arguments_object(self.arguments)
         events.append(("content_block_stop", {"type": "content_block_stop", "index": self._index}))
         return events
 

@@ -31,7 +31,9 @@ from gateway.units import format_bytes
 
 log = logging.getLogger("mlx_manager")
 
-OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+# Answered without a key: they carry no data. Apps probe /api/version (with / and HEAD /, the
+# console's open page) to find an Ollama server before they ask for its key.
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/api/version"})
 
 
 # A request id a client may choose itself (to find its request in the logs).

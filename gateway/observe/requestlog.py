@@ -33,6 +33,8 @@ GENERATION_ENDPOINTS = frozenset(
         "/v1/messages/count_tokens",
         "/v1/responses",
         "/v1/responses/input_tokens",
+        "/api/chat",
+        "/api/generate",
         "mcp:chat",
     }
 )

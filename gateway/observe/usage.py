@@ -15,6 +15,10 @@ class Usage:
     cached_tokens: int = 0  # of prompt_tokens, reused from the prompt cache
     reasoning_tokens: int = 0  # of completion_tokens
     first_token: float | None = None  # perf_counter when the first output arrived
+    # perf_counter when a worker took the request (after any wait for its model to load), and
+    # the seconds waited before that: Ollama's load_duration and prompt_eval_duration.
+    started: float | None = None
+    load_seconds: float = 0.0
     finish_reasons: list[str] = field(default_factory=list)
 
     @property
