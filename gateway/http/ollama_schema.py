@@ -13,7 +13,7 @@ from config.settings import parse_duration
 from gateway.engine.grammar import grammar_for_text, tool_call_grammar
 from gateway.engine.request import GenerateRequest, GenerationRequest, effort
 from gateway.fields import MAX_TOKENS, Temperature, Tokens, TopP
-from gateway.http.schemas import MAX_STOPS, Tool
+from gateway.http.schemas import MAX_STOPS, KeepAlive, Tool
 
 # Ollama's `think` levels (gpt-oss) as OpenAI's reasoning efforts.
 THINK_LEVELS = ("low", "medium", "high")
@@ -80,19 +80,10 @@ class _Generate(_Body):
     model: Annotated[str, Field(min_length=1)]
     stream: bool = True  # on unless asked otherwise, as in Ollama
     options: Options = Field(default_factory=Options)
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
     # "json", or a JSON schema the answer must follow (enforced while decoding).
     format: Literal["", "json"] | dict[str, Any] | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: float | str | None) -> float | str | None:
-        try:
-            parse_duration(v)
-        except ValueError:
-            raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
-        return v
 
     @property
     def name(self) -> str:

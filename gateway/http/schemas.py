@@ -43,6 +43,19 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
+def _duration(v: float | str | None) -> float | str | None:
+    try:
+        parse_duration(v)
+    except ValueError:
+        raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
+    return v
+
+
+# Ollama's keep_alive, which /v1 and /api both take: how long the model stays loaded after the
+# request ("5m", 300; 0 unloads it right after, a negative value keeps it loaded).
+KeepAlive = Annotated[float | str | None, AfterValidator(_duration)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -181,16 +194,7 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 300;
     # 0 unloads it right after, a negative value keeps it loaded).
-    keep_alive: float | str | None = None
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: float | str | None) -> float | str | None:
-        try:
-            parse_duration(v)
-        except ValueError:
-            raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
-        return v
+    keep_alive: KeepAlive = None
 
     @field_validator("logit_bias")
     @classmethod
