@@ -564,6 +564,24 @@ def test_keep_alive(world: World) -> None:
     run(world, scenario, idle_ttl=TTL)
 
 
+def test_keep_alive_is_each_requests_own(world: World) -> None:
+    """As in Ollama: a request without keep_alive gives the model the default TTL again; a
+    keep_alive of 0 must not make it unload after every later request too."""
+
+    async def scenario(pool: ModelPool, farm: Farm) -> None:
+        assert await ask(pool, "a", keep_alive=0) == "ok"
+        await farm.last("a").stopped.wait()
+        assert await ask(pool, "a") == "ok"
+        assert status(pool, "a")["ttl_seconds"] == 60 and status(pool, "a")["state"] == "ready"
+        assert await ask(pool, "a", keep_alive=-1) == "ok"
+        assert status(pool, "a")["ttl_seconds"] is None
+        assert await ask(pool, "a") == "ok"
+        assert status(pool, "a")["ttl_seconds"] == 60
+        assert len(farm.of("a")) == 2
+
+    run(world, scenario, idle_ttl=60)
+
+
 # Pins ---------------------------------------------------------------------------------------
 
 

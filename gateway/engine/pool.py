@@ -168,8 +168,10 @@ class ModelPool:
         if self._closing:
             raise errors.ModelUnavailable("The server is shutting down.")
         slot = self._slot(resolved)
-        if keep_alive is not None:
-            slot.keep_alive = keep_alive
+        # Each request says how long the model stays after it, as in Ollama: one that gives no
+        # keep_alive goes back to the default, so a keep_alive of 0 does not stick to the model
+        # (it would unload after every later request, its prompt cache with it).
+        slot.keep_alive = keep_alive
         queued = self.queue_depth(slot)
         if queued >= self.settings.max_queue:
             raise errors.TooManyRequests(

@@ -99,7 +99,7 @@ class Slot:
     unload_task: asyncio.Task[None] | None = None
     pinned: bool = False
     ttl: float | None = None  # profile TTL; None: the pool's default
-    keep_alive: float | None = None  # the last request's keep_alive, if it gave one
+    keep_alive: float | None = None  # the last request's keep_alive (None: it gave none)
     drain_reason: str = DRAINED  # why it stops once its running requests end
     measured: int | None = None  # memory the worker reported last time it was loaded
     last_used: float = field(default_factory=time.time)
