@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from config.settings import parse_duration
 from gateway.engine.grammar import grammar_for_text, tool_call_grammar
@@ -187,6 +187,18 @@ class ChatRequest(_Generate):
         return self._request(choice, messages)
 
 
+# /api/generate fields Ollama has and this server refuses (when given), and why.
+_REFUSED = {
+    "suffix": "fill-in-the-middle (suffix) is not supported: the models here are served "
+    "through their chat template, which has no place for a suffix",
+    "template": "a request's own prompt template is not supported: the model's chat template "
+    "is used (or send raw: true with the prompt already formatted)",
+    "context": "context (token ids of an earlier answer) is not supported, and answers here "
+    "carry none: send the conversation as messages to /api/chat",
+    "images": "images are not supported: the models here read text only",
+}
+
+
 class GenerateBody(_Generate):
     prompt: str = ""
     system: str | None = None
@@ -196,41 +208,11 @@ class GenerateBody(_Generate):
     context: list[int] | None = None
     images: list[str] | None = None
 
-    @field_validator("suffix")
+    @field_validator("suffix", "template", "context", "images")
     @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
+    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
         if v:
-            raise ValueError(
-                "fill-in-the-middle (suffix) is not supported: the models here are served "
-                "through their chat template, which has no place for a suffix"
-            )
-        return v
-
-    @field_validator("template")
-    @classmethod
-    def _no_template(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError(
-                "a request's own prompt template is not supported: the model's chat template "
-                "is used (or send raw: true with the prompt already formatted)"
-            )
-        return v
-
-    @field_validator("context")
-    @classmethod
-    def _no_context(cls, v: list[int] | None) -> list[int] | None:
-        if v:
-            raise ValueError(
-                "context (token ids of an earlier answer) is not supported, and answers here "
-                "carry none: send the conversation as messages to /api/chat"
-            )
-        return v
-
-    @field_validator("images")
-    @classmethod
-    def _no_images(cls, v: list[str] | None) -> list[str] | None:
-        if v:
-            raise ValueError("images are not supported: the models here read text only")
+            raise ValueError(_REFUSED[info.field_name or ""])
         return v
 
     def generate_request(self) -> GenerateRequest:
