@@ -89,6 +89,21 @@ def _recorded(name: str) -> dict[str, Any]:
     return recorded
 
 
+def _answers(argv: list[str], home: Path, env: dict[str, str]) -> None:
+    """Run an agent CLI in `home` (its HOME too: no user settings) and check that it exits 0
+    having printed the model's answer."""
+    done = subprocess.run(
+        argv,
+        env={"PATH": os.environ["PATH"], "HOME": str(home), **env},
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ANSWER in done.stdout
+
+
 def test_claude_code_request_replayed(agent_server: Server) -> None:
     """Claude Code 2.1's first request as it sent it (76 KB: 24 tools, system blocks with
     cache_control, a system message inside messages, adaptive thinking, context_management,
@@ -143,22 +158,12 @@ def test_claude_code_cli(agent_server: Server, npm_bin: Path, tmp_path: Path) ->
     r = httpx.post(agent_server.url + "/admin/profiles", json=profile, headers=agent_server.headers)
     assert r.status_code in (200, 201), r.text
     env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
         "ANTHROPIC_BASE_URL": agent_server.url,
         "ANTHROPIC_API_KEY": "unused",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     }
-    done = subprocess.run(
-        [str(npm_bin / "claude"), "-p", "say hi", "--model", "claude-sonnet-4-5"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert ANSWER in done.stdout
+    claude = [str(npm_bin / "claude"), "-p", "say hi", "--model", "claude-sonnet-4-5"]
+    _answers(claude, tmp_path, env)
     rows = _requests(agent_server, "/v1/messages")
     row = next(r for r in rows if r["profile"] == "local-coder")
     assert row["status"] == 200 and row["model"] == MODEL
@@ -178,21 +183,7 @@ def test_codex_cli(agent_server: Server, npm_bin: Path, tmp_path: Path) -> None:
         'wire_api = "responses"\n'
         'env_key = "MLX_MANAGER_API_KEY"\n'
     )
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "CODEX_HOME": str(home),
-        "MLX_MANAGER_API_KEY": "unused",
-    }
-    done = subprocess.run(
-        [str(npm_bin / "codex"), "exec", "--skip-git-repo-check", "say hi"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert ANSWER in done.stdout
+    env = {"CODEX_HOME": str(home), "MLX_MANAGER_API_KEY": "unused"}
+    _answers([str(npm_bin / "codex"), "exec", "--skip-git-repo-check", "say hi"], tmp_path, env)
     rows = _requests(agent_server, "/v1/responses")
     assert any(r["status"] == 200 and r["prompt_tokens"] > 3000 for r in rows), rows
