@@ -67,6 +67,9 @@ class Profile(BaseModel):
     reasoning_budget: Tokens | None = Field(
         None, description="Most reasoning tokens; then the think block is closed."
     )
+    pooling: Literal["last", "mean"] | None = Field(
+        None, description="Embeddings: pool the last token or the mean; default: inferred."
+    )
 
     @field_validator("aliases")
     @classmethod

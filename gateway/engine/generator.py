@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.catalog.local import template_text, thinking_switch
-from gateway.engine import logits
+from gateway.engine import embedder, logits
 from gateway.engine.channels import ChannelSplitter, Markers
 from gateway.engine.grammar import tool_call_grammar
 from gateway.engine.pipe import WorkerPipe
 from gateway.engine.protocol import (
     Activity,
     Cancel,
+    Embed,
+    Embedded,
     Event,
     Failed,
     Finished,
@@ -93,6 +95,7 @@ class Engine:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
         self.mx = mx
+        self.model = model
         self.tokenizer = tokenizer
         self.conn = conn
         self.context_length = context_length
@@ -446,6 +449,21 @@ class Engine:
             frequency_penalty=req.get("frequency_penalty") or None,
         )
 
+    def embed(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
+        """Vectors for an Embed, computed whole now: between two decode steps, as a prefill."""
+        try:
+            vectors, dim, tokens = embedder.embed(
+                self.model, self.tokenizer, req, self.context_length, self.vocab_size
+            )
+        except embedder.EmbedError as e:
+            events.append(Failed(rid, e.kind, str(e)))
+            return
+        except Exception as e:  # one bad request must not take the model down for everyone
+            log.warning("request %s: could not embed", rid, exc_info=True)
+            events.append(Failed(rid, "ServiceError", f"Could not compute embeddings: {e}"))
+            return
+        events.append(Embedded(rid, vectors, dim, tokens))
+
     def cancel(self, rid: str) -> None:
         uid = self.uid_of.pop(rid, None)
         if uid is not None:
@@ -583,6 +601,8 @@ class Engine:
                 msg = conn.recv()
                 if isinstance(msg, Generate):
                     self.submit(msg.rid, msg.request, events)
+                elif isinstance(msg, Embed):
+                    self.embed(msg.rid, msg.request, events)
                 elif isinstance(msg, Cancel):
                     self.cancel(msg.rid)
                 elif isinstance(msg, Stop):

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from gateway.catalog.hub import DownloadProgress
 from gateway.engine.protocol import Output
-from gateway.engine.request import Choice, GenerateRequest
+from gateway.engine.request import Choice, EmbeddingRequest, Embeddings, GenerateRequest
 from gateway.observe.requestlog import RequestRecord
 from gateway.observe.usage import Usage
 
@@ -33,6 +33,8 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
     async def generate(self, request: GenerateRequest, record: RequestRecord) -> Stream: ...
+
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings: ...
 
     def finish(self, record: RequestRecord) -> None: ...
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from config.settings import Settings
-from gateway.engine.request import GenerationRequest
+from gateway.engine.request import EmbeddingRequest, GenerationRequest
 from gateway.errors import InvalidRequest
 
 
@@ -44,3 +44,31 @@ def capped(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     if request.max_tokens is None or request.max_tokens > settings.max_tokens_limit:
         return replace(request, max_tokens=settings.max_tokens_limit)
     return request
+
+
+def check_embedding(request: EmbeddingRequest, settings: Settings) -> None:
+    """Refuse an embedding request with nothing to embed, an empty input, or more inputs or
+    characters than the limits allow, naming which."""
+    inputs = request.inputs
+    if not inputs:
+        raise InvalidRequest("input is empty: give a string or a list of them.", param="input")
+    if len(inputs) > settings.max_embedding_inputs:
+        raise InvalidRequest(
+            f"The request has {len(inputs)} inputs; this server embeds at most "
+            f"{settings.max_embedding_inputs} per request (MLX_MANAGER_MAX_EMBEDDING_INPUTS).",
+            param="input",
+            code="too_many_inputs",
+        )
+    for i, item in enumerate(inputs):
+        if not item:
+            what = "an empty string" if isinstance(item, str) else "an empty list of tokens"
+            raise InvalidRequest(f"input[{i}] is {what}.", param="input")
+        if isinstance(item, str) and len(item) > settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"input[{i}] is {len(item):,} characters; this server accepts at most "
+                f"{settings.max_prompt_chars:,} (MLX_MANAGER_MAX_PROMPT_CHARS).",
+                param="input",
+                code="prompt_too_long",
+            )
+    if request.dimensions is not None and request.dimensions < 1:
+        raise InvalidRequest("dimensions must be at least 1.", param="dimensions")

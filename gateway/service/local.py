@@ -11,10 +11,12 @@ from typing import Any
 
 from config.settings import Settings
 from config.store import Store
+from gateway import errors
 from gateway.catalog.hub import DownloadProgress, Downloads
+from gateway.catalog.local import LocalModel
 from gateway.catalog.names import Catalog
 from gateway.engine.pool import ModelPool
-from gateway.engine.request import GenerateRequest
+from gateway.engine.request import EmbeddingRequest, Embeddings, GenerateRequest, Pooling
 from gateway.engine.stream import Generation
 from gateway.observe import logs
 from gateway.observe.metrics import Metrics
@@ -25,6 +27,7 @@ from gateway.observe.requestlog import (
     RequestRecord,
     content_of,
 )
+from gateway.observe.usage import Usage
 from gateway.service import limits
 
 # Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
@@ -81,6 +84,7 @@ class LocalBackend:
         record.resolved(
             resolved.model.id, resolved.profile["name"] if resolved.profile is not None else None
         )
+        _serves(resolved.model, "chat")
         choices = [
             limits.capped(c.with_defaults(resolved.profile, settings.default_max_tokens), settings)
             for c in request.choices
@@ -98,6 +102,23 @@ class LocalBackend:
         if keep_text:
             gen.texts = [[] for _ in choices]
         return gen
+
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings:
+        """Resolve the name, check the limits, apply the profile's pooling and context cap,
+        and have the model's worker compute the vectors; the record takes the token count."""
+        record.model = request.model
+        if self.settings.log_content and request.content is not None:
+            record.prompt = content_of(request.content())
+        limits.check_embedding(request, self.settings)
+        resolved = self.pool.resolve(request.model)
+        profile = resolved.profile or {}
+        record.resolved(resolved.model.id, profile.get("name"))
+        _serves(resolved.model, "embedding")
+        pooling = request.pooling or profile.get("pooling") or default_pooling(resolved.model)
+        payload = request.payload(pooling, profile.get("context_length"))
+        result = await self.pool.embed(resolved, payload, request.keep_alive)
+        record.generated(Usage(prompt_tokens=result.prompt_tokens))
+        return result
 
     def finish(self, record: RequestRecord) -> None:
         """A request is over: one line in the server log; for generation requests also a row
@@ -158,3 +179,34 @@ class LocalBackend:
 
     async def cancel_download(self, job_id: str) -> dict[str, Any]:
         return await self.loader.cancel(job_id)
+
+
+def default_pooling(model: LocalModel) -> Pooling:
+    """A language model made for embeddings (Qwen3-Embedding, gte-Qwen2: "embed" in its name)
+    is read at its last token, as it was trained; any other language model at the mean of
+    its tokens, which says more about the whole text than its last token does."""
+    return "last" if "embed" in model.id.lower() else "mean"
+
+
+def _serves(model: LocalModel, what: str) -> None:
+    """Refuse a request a model cannot serve, saying what it is for. Language models serve
+    chat and embeddings (by pooling); encoders and cross-encoders serve neither here yet."""
+    kind = model.kind
+    if kind == "chat":
+        return
+    if what == "chat":
+        raise errors.InvalidRequest(
+            f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model, not a "
+            f"language model: it cannot chat or complete text"
+            + (" (use /v1/embeddings)." if kind == "embedding" else "."),
+            param="model",
+            code="model_kind_mismatch",
+        )
+    raise errors.InvalidRequest(
+        f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model "
+        f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
+        "optional mlx-embeddings library, which this server does not use yet. Any language "
+        "model embeds here by pooling its hidden states.",
+        param="model",
+        code="model_kind_mismatch",
+    )

@@ -1,0 +1,128 @@
+"""Embeddings inside a worker process: a language model's final hidden states, pooled (the last
+real token, or the mean over real tokens) and L2-normalised, as llama.cpp and Ollama embed with
+any model.
+
+Inputs are batched: sorted by length, right-padded to the longest of their batch, one forward
+pass per batch. A causal model's real tokens attend only to the tokens before them, so padding
+after them changes nothing they compute, and pooling reads real tokens only: an input's vector
+does not depend on what it is batched with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Tokens in one forward pass (inputs x padded length): bounds the activations of a batch.
+BATCH_TOKENS = 4096
+
+
+class EmbedError(ValueError):
+    """An input this model cannot embed; `kind` names the gateway.errors class."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def body_of(model: Any) -> Any:
+    """The part of an mlx-lm model that returns its final (normed) hidden states: the
+    transformer without its output head."""
+    for path in (("model",), ("language_model", "model"), ("transformer",)):
+        part = model
+        for name in path:
+            part = getattr(part, name, None)
+        if part is not None and callable(part):
+            return part
+    raise EmbedError(
+        "InvalidRequest",
+        "This model's architecture gives no hidden states to pool into embeddings.",
+    )
+
+
+def tokenize(tokenizer: Any, inputs: list[Any], limit: int, vocab_size: int) -> list[list[int]]:
+    """Each input as token ids (texts through the model's tokenizer, ids as given), checked
+    against the context and the vocabulary."""
+    ids: list[list[int]] = []
+    for i, item in enumerate(inputs):
+        tokens = tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
+        if not tokens:
+            raise EmbedError("InvalidRequest", f"input[{i}] has no tokens.")
+        if len(tokens) > limit:
+            raise EmbedError(
+                "ContextLengthExceeded",
+                f"input[{i}] has {len(tokens)} tokens; this model embeds at most {limit} "
+                "tokens per input. Shorten it or split it.",
+            )
+        bad = [t for t in tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise EmbedError(
+                "InvalidRequest",
+                f"input[{i}]: token id {bad[0]} is outside this model's vocabulary of "
+                f"{vocab_size} tokens.",
+            )
+        ids.append(tokens)
+    return ids
+
+
+def batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
+    """Input indices grouped for forward passes: by length, so padding stays small, each
+    group within `budget` padded tokens (an input longer than that goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for i in order:
+        # Sorted by length: this input is the longest of the group so far.
+        if group and (len(group) + 1) * lengths[i] > budget:
+            groups.append(group)
+            group = []
+        group.append(i)
+    if group:
+        groups.append(group)
+    return groups
+
+
+def embed(
+    model: Any,
+    tokenizer: Any,
+    request: dict[str, Any],
+    context_length: int,
+    vocab_size: int,
+) -> tuple[bytes, int, list[int]]:
+    """(float32 vectors as bytes, their dimension, each input's tokens) for an Embed request
+    (gateway/engine/request.py EmbeddingRequest.payload)."""
+    import mlx.core as mx
+    import numpy as np
+
+    limit = min(context_length, request.get("context_length") or context_length)
+    ids = tokenize(tokenizer, request["inputs"], limit, vocab_size)
+    body = body_of(model)
+    mean = request.get("pooling") == "mean"
+    lengths = [len(t) for t in ids]
+    out: list[Any] = [None] * len(ids)
+    for group in batches(lengths):
+        width = max(lengths[i] for i in group)
+        padded = mx.array([ids[i] + [0] * (width - lengths[i]) for i in group])
+        hidden = body(padded).astype(mx.float32)  # (batch, width, dim)
+        n = mx.array([lengths[i] for i in group])
+        if mean:
+            mask = (mx.arange(width)[None, :] < n[:, None]).astype(mx.float32)
+            pooled = (hidden * mask[..., None]).sum(axis=1) / n[:, None].astype(mx.float32)
+        else:
+            pooled = hidden[mx.arange(len(group)), n - 1]
+        mx.eval(pooled)
+        rows = np.array(pooled, dtype=np.float32)
+        for row, i in zip(rows, group, strict=True):
+            out[i] = row
+    vectors = np.stack(out)
+    dim = vectors.shape[1]
+    dimensions = request.get("dimensions")
+    if dimensions is not None:
+        if dimensions > dim:
+            raise EmbedError(
+                "InvalidRequest",
+                f"dimensions is {dimensions}; this model's embeddings have {dim}.",
+            )
+        vectors, dim = vectors[:, :dimensions], dimensions
+    if request.get("normalize", True):
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return vectors.astype("<f4").tobytes(), dim, lengths
