@@ -137,8 +137,9 @@ def create_responses(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
-def add_profile_pooling(db: sqlite_utils.Database) -> None:
+def add_profile_embedding_fields(db: sqlite_utils.Database) -> None:
     db.table("profiles").add_column("pooling", str)  # embeddings: last | mean
+    db.table("profiles").add_column("rerank", str)  # how a language model reranks: yes_no
 
 
 REQUEST_COLUMNS = (

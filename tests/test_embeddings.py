@@ -141,7 +141,7 @@ def test_pooling_by_request_and_profile(server: Server) -> None:
         ({"input": "x", "dimensions": 65}, "this model's embeddings have 64"),
         ({"input": "x", "dimensions": 0}, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
-        ({"input": "word " * 3000}, "embeds at most 2048 tokens per input"),
+        ({"input": "word " * 3000}, "at most 2048 tokens per input"),
         ({"input": ["a"] * 2049}, "at most 2048 per request"),
         ({}, "input"),
     ],

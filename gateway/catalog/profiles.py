@@ -70,6 +70,9 @@ class Profile(BaseModel):
     pooling: Literal["last", "mean"] | None = Field(
         None, description="Embeddings: pool the last token or the mean; default: inferred."
     )
+    rerank: Literal["yes_no"] | None = Field(
+        None, description="Rerank as Qwen3-Reranker does: the probability of 'yes'."
+    )
 
     @field_validator("aliases")
     @classmethod

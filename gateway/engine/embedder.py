@@ -49,7 +49,7 @@ def tokenize(tokenizer: Any, inputs: list[Any], limit: int, vocab_size: int) -> 
         if len(tokens) > limit:
             raise EmbedError(
                 "ContextLengthExceeded",
-                f"input[{i}] has {len(tokens)} tokens; this model embeds at most {limit} "
+                f"input[{i}] has {len(tokens)} tokens; this model takes at most {limit} "
                 "tokens per input. Shorten it or split it.",
             )
         bad = [t for t in tokens if not 0 <= t < vocab_size]
@@ -126,3 +126,62 @@ def embed(
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.maximum(norms, 1e-12)
     return vectors.astype("<f4").tobytes(), dim, lengths
+
+
+# Qwen3-Reranker's prompt: the model judges one document against the query, answering "yes" or
+# "no"; the score is the probability of "yes" against "no" at the answer's first token.
+RERANK_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n"
+)
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def rerank_prompt(query: str, document: str, instruction: str | None) -> str:
+    return (
+        f"{RERANK_PREFIX}<Instruct>: {instruction or RERANK_INSTRUCTION}\n"
+        f"<Query>: {query}\n<Document>: {document}{RERANK_SUFFIX}"
+    )
+
+
+def _answer_token(tokenizer: Any, word: str) -> int:
+    """The token a "yes" or "no" answer starts with."""
+    return int(tokenizer.encode(word, add_special_tokens=False)[0])
+
+
+def rerank(
+    model: Any,
+    tokenizer: Any,
+    request: dict[str, Any],
+    context_length: int,
+    vocab_size: int,
+) -> tuple[bytes, int, list[int]]:
+    """Relevance scores of documents for a query, as float32 bytes (one per document, dim 1)
+    and each pair's tokens: P(yes) / (P(yes) + P(no)) after the reranker's prompt, batched as
+    embeddings are (the full model this time: its logits, at each pair's last real token)."""
+    import mlx.core as mx
+    import numpy as np
+
+    limit = min(context_length, request.get("context_length") or context_length)
+    prompts = [
+        rerank_prompt(request["query"], d, request.get("instruction")) for d in request["documents"]
+    ]
+    try:
+        ids = tokenize(tokenizer, prompts, limit, vocab_size)
+    except EmbedError as e:  # name the document, not the prompt built around it
+        raise EmbedError(e.kind, str(e).replace("input[", "documents[")) from None
+    yes, no = _answer_token(tokenizer, "yes"), _answer_token(tokenizer, "no")
+    lengths = [len(t) for t in ids]
+    scores = np.zeros(len(ids), dtype=np.float32)
+    for group in batches(lengths):
+        width = max(lengths[i] for i in group)
+        padded = mx.array([ids[i] + [0] * (width - lengths[i]) for i in group])
+        n = mx.array([lengths[i] for i in group])
+        logits = model(padded)[mx.arange(len(group)), n - 1].astype(mx.float32)
+        pair = mx.stack([logits[:, no], logits[:, yes]], axis=-1)
+        p_yes = mx.softmax(pair, axis=-1)[:, 1]
+        mx.eval(p_yes)
+        scores[group] = np.array(p_yes, dtype=np.float32)
+    return scores.astype("<f4").tobytes(), 1, lengths

@@ -450,9 +450,11 @@ class Engine:
         )
 
     def embed(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
-        """Vectors for an Embed, computed whole now: between two decode steps, as a prefill."""
+        """Vectors (or rerank scores) for an Embed, computed whole now: between two decode
+        steps, as a prefill."""
+        work = embedder.rerank if req.get("task") == "rerank" else embedder.embed
         try:
-            vectors, dim, tokens = embedder.embed(
+            vectors, dim, tokens = work(
                 self.model, self.tokenizer, req, self.context_length, self.vocab_size
             )
         except embedder.EmbedError as e:

@@ -30,10 +30,11 @@ class Generate(NamedTuple):
 
 
 class Embed(NamedTuple):
-    """Vectors for some inputs, computed whole between two decode steps."""
+    """Vectors for some inputs (or a reranker's scores: vectors of one), computed whole
+    between two decode steps."""
 
     rid: str
-    request: dict[str, Any]  # EmbeddingRequest.payload()
+    request: dict[str, Any]  # EmbeddingRequest.payload() or RerankRequest.payload()
 
 
 class Cancel(NamedTuple):

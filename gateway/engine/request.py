@@ -184,3 +184,36 @@ class Embeddings:
         size = 4 * self.dim
         data = self.vectors
         return [base64.b64encode(data[i : i + size]).decode() for i in range(0, len(data), size)]
+
+
+@dataclass
+class RerankRequest:
+    """What every face asks of the service's one rerank path: documents scored for a query."""
+
+    model: str
+    query: str
+    documents: list[str]
+    instruction: str | None = None  # the reranker's task description; None: web search
+    keep_alive: float | None = None
+    content: Callable[[], Any] | None = None
+
+    def payload(self, context_length: int | None) -> dict[str, Any]:
+        return {
+            "task": "rerank",
+            "query": self.query,
+            "documents": self.documents,
+            "instruction": self.instruction,
+            "context_length": context_length,
+        }
+
+
+@dataclass
+class Ranking:
+    """A rerank request's answer: each document's relevance (0-1), in the order given."""
+
+    scores: list[float]
+    tokens: list[int]  # each (query, document) pair's tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.tokens)

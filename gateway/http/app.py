@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute
 
 from config.settings import Settings
 from gateway.errors import ServiceError
-from gateway.http import admin, embeddings, messages, responses, v1
+from gateway.http import admin, embeddings, messages, rerank, responses, v1
 from gateway.http.errorshape import error_response
 from gateway.http.middleware import (
     OPEN_PATHS,
@@ -112,6 +112,7 @@ def create_app(
         *admin.ROUTES,
         *v1.ROUTES,
         *embeddings.ROUTES,
+        *rerank.ROUTES,
         *responses.ROUTES,
         *messages.ROUTES,
         *pages,

@@ -16,7 +16,14 @@ from gateway.catalog.hub import DownloadProgress, Downloads
 from gateway.catalog.local import LocalModel
 from gateway.catalog.names import Catalog
 from gateway.engine.pool import ModelPool
-from gateway.engine.request import EmbeddingRequest, Embeddings, GenerateRequest, Pooling
+from gateway.engine.request import (
+    EmbeddingRequest,
+    Embeddings,
+    GenerateRequest,
+    Pooling,
+    Ranking,
+    RerankRequest,
+)
 from gateway.engine.stream import Generation
 from gateway.observe import logs
 from gateway.observe.metrics import Metrics
@@ -120,6 +127,23 @@ class LocalBackend:
         record.generated(Usage(prompt_tokens=result.prompt_tokens))
         return result
 
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
+        """Score documents for a query on a language model that reranks (a profile's
+        `rerank`, or a model named as a reranker), through the pool like any request."""
+        record.model = request.model
+        if self.settings.log_content and request.content is not None:
+            record.prompt = content_of(request.content())
+        limits.check_rerank(request, self.settings)
+        resolved = self.pool.resolve(request.model)
+        profile = resolved.profile or {}
+        record.resolved(resolved.model.id, profile.get("name"))
+        _reranks(resolved.model, profile, request.model)
+        payload = request.payload(profile.get("context_length"))
+        result = await self.pool.embed(resolved, payload, request.keep_alive)
+        ranking = Ranking([row[0] for row in result.floats()], result.tokens)
+        record.generated(Usage(prompt_tokens=ranking.prompt_tokens))
+        return ranking
+
     def finish(self, record: RequestRecord) -> None:
         """A request is over: one line in the server log; for generation requests also a row
         in the request log and the metrics."""
@@ -207,6 +231,30 @@ def _serves(model: LocalModel, what: str) -> None:
         f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
         "optional mlx-embeddings library, which this server does not use yet. Any language "
         "model embeds here by pooling its hidden states.",
+        param="model",
+        code="model_kind_mismatch",
+    )
+
+
+def _reranks(model: LocalModel, profile: dict[str, Any], name: str) -> None:
+    """Refuse to rerank with a model that has no way to: a language model reranks when its
+    profile says how (`rerank`), or when it is named as a reranker (Qwen3-Reranker)."""
+    kind = model.kind
+    if kind == "chat" and (profile.get("rerank") or "rerank" in model.id.lower()):
+        return
+    if kind == "chat":
+        raise errors.InvalidRequest(
+            f"Model '{name}' is a language model with no way to rerank: use a reranker "
+            "(Qwen3-Reranker), or a profile of this model with `rerank: yes_no` if it was "
+            "trained to answer yes or no to a query and a document.",
+            param="model",
+            code="model_kind_mismatch",
+        )
+    raise errors.InvalidRequest(
+        f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model "
+        f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
+        "optional mlx-embeddings library, which this server does not use yet. Rerank with a "
+        "Qwen3-Reranker-style language model instead.",
         param="model",
         code="model_kind_mismatch",
     )

@@ -15,7 +15,14 @@ from config.settings import Settings
 from gateway import errors
 from gateway.catalog.hub import DownloadProgress
 from gateway.engine.protocol import Finished, Output, Reasoning, Text, ToolCallArgs, ToolCallStart
-from gateway.engine.request import Choice, EmbeddingRequest, Embeddings, GenerateRequest
+from gateway.engine.request import (
+    Choice,
+    EmbeddingRequest,
+    Embeddings,
+    GenerateRequest,
+    Ranking,
+    RerankRequest,
+)
 from gateway.observe.requestlog import RequestRecord
 from gateway.observe.usage import Usage
 from gateway.service.keys import client_key
@@ -147,6 +154,26 @@ class RemoteBackend:
         per = [tokens // len(rows)] * len(rows)
         per[0] += tokens - sum(per)
         return Embeddings(b"".join(rows), len(rows[0]) // 4, per)
+
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
+        """Through the server's /v1/rerank, every result back in the documents' order."""
+        body: dict[str, Any] = {
+            "model": request.model,
+            "query": request.query,
+            "documents": request.documents,
+        }
+        if request.instruction is not None:
+            body["instruction"] = request.instruction
+        if request.keep_alive is not None:
+            body["keep_alive"] = request.keep_alive
+        data = await self._call("POST", "/v1/rerank", body)
+        scores = [0.0] * len(request.documents)
+        for r in data["results"]:
+            scores[r["index"]] = r["relevance_score"]
+        tokens = data["usage"]["prompt_tokens"]
+        per = [tokens // len(scores)] * len(scores)
+        per[0] += tokens - sum(per)
+        return Ranking(scores, per)
 
     def finish(self, record: RequestRecord) -> None:
         pass  # the server that served the request has recorded it

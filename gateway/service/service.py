@@ -36,6 +36,8 @@ from gateway.engine.request import (
     Embeddings,
     GenerateRequest,
     GenerationRequest,
+    Ranking,
+    RerankRequest,
 )
 from gateway.observe import logs
 from gateway.observe.requestlog import RequestRecord
@@ -398,6 +400,11 @@ class Service:
         limits, and have the model's worker compute one vector per input, through the same
         pool as generation (budget, LRU, TTL, queue). `record` gets the prompt tokens."""
         return await self.backend.embed(request, record)
+
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
+        """The one rerank path: each document's relevance to the query (0-1, in the order
+        given), from a reranker model's worker through the same pool."""
+        return await self.backend.rerank(request, record)
 
     # Stored responses (/v1/responses with `store: true`) --------------------------------------
 
