@@ -256,3 +256,39 @@ def test_request_log_row_and_metrics(client: openai.OpenAI, server: Server) -> N
     bad = row("embed-log-2")
     assert bad["status"] == 400 and "empty string" in bad["error"]
     assert requests_total() == before + 1
+
+
+# The same operation beside a running server ---------------------------------------------------
+
+
+def test_a_remote_service_embeds_and_reranks_through_the_server(server: Server) -> None:
+    """A CLI or stdio MCP service beside the server: Service.embed and Service.rerank go to
+    the server's /v1 and come back as the same values a local pool gives."""
+    import asyncio
+
+    from config.settings import Settings
+    from gateway import errors
+    from gateway.engine.request import EmbeddingRequest, RerankRequest
+    from gateway.observe.requestlog import RequestRecord
+    from gateway.service.remote import RemoteBackend
+    from gateway.service.service import Service
+
+    async def run() -> Any:
+        settings = Settings(home=server.home, port=server.port)
+        service = Service(settings, RemoteBackend(settings, server.url))
+        try:
+            request = EmbeddingRequest(model="tiny-a", inputs=TEXTS[:3], dimensions=32)
+            embedded = await service.embed(request, RequestRecord("test"))
+            with pytest.raises(errors.InvalidRequest, match="empty string"):
+                await service.embed(EmbeddingRequest("tiny-a", ["a", ""]), RequestRecord("test"))
+            with pytest.raises(errors.InvalidRequest, match="no way to rerank"):
+                await service.rerank(RerankRequest("tiny-a", "q", ["a"]), RequestRecord("test"))
+            return embedded
+        finally:
+            await service.close()
+
+    embedded = asyncio.run(run())
+    local = vectors(server, TEXTS[:3], dimensions=32)
+    assert embedded.dim == 32 and np.array_equal(np.array(embedded.floats()), local)
+    r = floats(server, model="tiny-a", input=TEXTS[:3], encoding_format="float")
+    assert embedded.prompt_tokens == r.json()["usage"]["prompt_tokens"]
