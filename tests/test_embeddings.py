@@ -292,3 +292,57 @@ def test_a_remote_service_embeds_and_reranks_through_the_server(server: Server) 
     assert embedded.dim == 32 and np.array_equal(np.array(embedded.floats()), local)
     r = floats(server, model="tiny-a", input=TEXTS[:3], encoding_format="float")
     assert embedded.prompt_tokens == r.json()["usage"]["prompt_tokens"]
+
+
+def test_fuzz_embeddings_and_rerank(server: Server) -> None:
+    """Generated valid and invalid bodies from /openapi.json (as tests/test_fuzz.py does for the
+    other endpoints): never a 5xx, every error in OpenAI's shape, and no worker crash."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    cases = st.one_of(
+        *(
+            schema[path]["POST"].as_strategy(mode)
+            for path in ("/v1/embeddings", "/v1/rerank")
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        )
+    )
+    failures: list[str] = []
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=150,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=cases, model=st.sampled_from(["tiny-a", "tiny-rerank-fuzz", None]))
+    def run(case: Any, model: str | None) -> None:
+        if model and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = model
+            case.body.pop("keep_alive", None)  # a random one would unload the model
+        response = case.call(base_url=server.url, timeout=120)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        try:
+            assert response.status_code < 500, "a server error"
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert isinstance(error["message"], str) and error["message"]
+        except (AssertionError, ValueError, KeyError, TypeError) as e:
+            body = json.dumps(case.body, default=str)[:1000]
+            failures.append(f"{e}: {case.path} {body} -> {response.status_code} {response.text}")
+
+    profile = {"name": "tiny-rerank-fuzz", "model": "tiny-a", "rerank": "yes_no"}
+    httpx.post(server.url + "/admin/profiles", json=profile, headers=server.headers)
+    try:
+        run()
+    finally:
+        httpx.delete(server.url + "/admin/profiles/tiny-rerank-fuzz", headers=server.headers)
+    assert not failures, f"{len(failures)} bad responses; the first:\n{failures[0]}"
+    assert seen.get(200, 0) >= 5 and sum(n for s, n in seen.items() if s >= 400) >= 5, seen
+    workers = httpx.get(server.url + "/admin/workers", headers=server.headers).json()["data"]
+    assert all(w["crashes"] == 0 for w in workers), workers

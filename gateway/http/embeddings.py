@@ -62,11 +62,22 @@ def _describe(item: Any) -> str:
     )
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_INPUT_SCHEMAS = [
+    _TEXT,
+    {"type": "array", "items": _TEXT, "minItems": 1},
+    _TOKENS,
+    {"type": "array", "items": _TOKENS, "minItems": 1},
+]
+
+
 class EmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Annotated[str, Field(min_length=1)]
-    input: Any
+    # Validated by inputs_of, for messages that name the bad item; the schema says the rest.
+    input: Annotated[Any, Field(json_schema_extra={"anyOf": _INPUT_SCHEMAS})]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Tokens | None = None
     user: str | None = None
