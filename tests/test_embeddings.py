@@ -154,6 +154,20 @@ def test_bad_inputs_are_400s_naming_the_problem(server: Server, body: Any, says:
     assert error["type"] == "invalid_request_error"
 
 
+def test_truncate_and_unnormalised_extras(server: Server, tokenizer_of: Any) -> None:
+    """What Ollama's /api/embed (truncate) and /api/embeddings (raw vectors) need."""
+    long = "word " * 3000
+    r = floats(server, model="tiny-a", input=long, encoding_format="float", truncate=True)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 2048  # the context
+    ids = tokenizer_of("tiny-a").encode(long)[:2048]
+    assert np.allclose(r.json()["data"][0]["embedding"], vectors(server, ids)[0], atol=1e-5)
+    raw = vectors(server, TEXTS[:2], normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1)
+    normed = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    assert np.allclose(normed, vectors(server, TEXTS[:2]), atol=1e-5)
+
+
 def test_bad_inputs_through_the_sdk(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="empty string"):
         client.embeddings.create(model="tiny-a", input=["ok", ""])

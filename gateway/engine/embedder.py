@@ -38,14 +38,18 @@ def body_of(model: Any) -> Any:
     )
 
 
-def tokenize(tokenizer: Any, inputs: list[Any], limit: int, vocab_size: int) -> list[list[int]]:
+def tokenize(
+    tokenizer: Any, inputs: list[Any], limit: int, vocab_size: int, truncate: bool = False
+) -> list[list[int]]:
     """Each input as token ids (texts through the model's tokenizer, ids as given), checked
-    against the context and the vocabulary."""
+    against the context (or cut to it, with `truncate`) and the vocabulary."""
     ids: list[list[int]] = []
     for i, item in enumerate(inputs):
         tokens = tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
         if not tokens:
             raise EmbedError("InvalidRequest", f"input[{i}] has no tokens.")
+        if truncate:
+            tokens = tokens[:limit]
         if len(tokens) > limit:
             raise EmbedError(
                 "ContextLengthExceeded",
@@ -93,7 +97,7 @@ def embed(
     import numpy as np
 
     limit = min(context_length, request.get("context_length") or context_length)
-    ids = tokenize(tokenizer, request["inputs"], limit, vocab_size)
+    ids = tokenize(tokenizer, request["inputs"], limit, vocab_size, bool(request.get("truncate")))
     body = body_of(model)
     mean = request.get("pooling") == "mean"
     lengths = [len(t) for t in ids]

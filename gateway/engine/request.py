@@ -144,6 +144,8 @@ class EmbeddingRequest:
     pooling: Pooling | None = None  # None: the profile's, else the model's default
     normalize: bool = True  # L2-normalised vectors (OpenAI's are)
     dimensions: int | None = None  # keep the first this many, then normalise again
+    # An input longer than the context is cut to it (Ollama's `truncate`) instead of refused.
+    truncate: bool = False
     keep_alive: float | None = None
     content: Callable[[], Any] | None = None  # for the request log, as GenerateRequest's
 
@@ -155,6 +157,7 @@ class EmbeddingRequest:
             "pooling": pooling,
             "normalize": self.normalize,
             "dimensions": self.dimensions,
+            "truncate": self.truncate,
             "context_length": context_length,
         }
 

@@ -85,6 +85,7 @@ class EmbeddingBody(BaseModel):
     # whether the vectors are normalised, and Ollama's keep_alive.
     pooling: Literal["last", "mean"] | None = None
     normalize: bool = True
+    truncate: bool = False  # cut inputs longer than the context instead of a 400 (Ollama's)
     keep_alive: float | str | None = None
 
     @field_validator("input")
@@ -110,6 +111,7 @@ class EmbeddingBody(BaseModel):
             pooling=self.pooling,
             normalize=self.normalize,
             dimensions=self.dimensions,
+            truncate=self.truncate,
             keep_alive=parse_duration(self.keep_alive),
             content=lambda: inputs,
         )

@@ -143,6 +143,7 @@ class RemoteBackend:
             "input": request.inputs,
             "encoding_format": "base64",
             "normalize": request.normalize,
+            "truncate": request.truncate,
         }
         for name in ("pooling", "dimensions", "keep_alive"):
             if getattr(request, name) is not None:
