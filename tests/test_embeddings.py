@@ -181,6 +181,36 @@ def test_bad_inputs_through_the_sdk(client: openai.OpenAI) -> None:
     assert r.status_code == 415
 
 
+def test_a_client_that_leaves_stops_its_request(server: Server) -> None:
+    """Embeddings are computed a batch at a time between decode steps: a request far too long
+    to wait for ends when its client leaves (499 in the request log), and the model serves
+    the next request instead of finishing the abandoned one (minutes of work here)."""
+    inputs = ["word " * 3000] * 512  # each cut to the context: about a million tokens
+    body = {"model": "tiny-a", "input": inputs, "truncate": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            server.v1 + "/embeddings",
+            json=body,
+            headers={"x-request-id": "embed-abandoned"},
+            timeout=httpx.Timeout(60, read=3),
+        )
+
+    def row() -> list[dict[str, Any]]:
+        r = httpx.get(
+            server.url + "/admin/requests", params={"limit": 1000}, headers=server.headers
+        )
+        return [x for x in r.json()["data"] if x["request_id"] == "embed-abandoned"]
+
+    assert server.wait_for(row, what="the abandoned request's row")[0]["status"] == 499
+    assert vectors(server, "still here").shape == (1, 64)
+    r = httpx.post(
+        server.v1 + "/chat/completions",
+        json={"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+
+
 # Model kinds --------------------------------------------------------------------------------
 
 

@@ -84,54 +84,6 @@ def batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
     return groups
 
 
-def embed(
-    model: Any,
-    tokenizer: Any,
-    request: dict[str, Any],
-    context_length: int,
-    vocab_size: int,
-) -> tuple[bytes, int, list[int]]:
-    """(float32 vectors as bytes, their dimension, each input's tokens) for an Embed request
-    (gateway/engine/request.py EmbeddingRequest.payload)."""
-    import mlx.core as mx
-    import numpy as np
-
-    limit = min(context_length, request.get("context_length") or context_length)
-    ids = tokenize(tokenizer, request["inputs"], limit, vocab_size, bool(request.get("truncate")))
-    body = body_of(model)
-    mean = request.get("pooling") == "mean"
-    lengths = [len(t) for t in ids]
-    out: list[Any] = [None] * len(ids)
-    for group in batches(lengths):
-        width = max(lengths[i] for i in group)
-        padded = mx.array([ids[i] + [0] * (width - lengths[i]) for i in group])
-        hidden = body(padded).astype(mx.float32)  # (batch, width, dim)
-        n = mx.array([lengths[i] for i in group])
-        if mean:
-            mask = (mx.arange(width)[None, :] < n[:, None]).astype(mx.float32)
-            pooled = (hidden * mask[..., None]).sum(axis=1) / n[:, None].astype(mx.float32)
-        else:
-            pooled = hidden[mx.arange(len(group)), n - 1]
-        mx.eval(pooled)
-        rows = np.array(pooled, dtype=np.float32)
-        for row, i in zip(rows, group, strict=True):
-            out[i] = row
-    vectors = np.stack(out)
-    dim = vectors.shape[1]
-    dimensions = request.get("dimensions")
-    if dimensions is not None:
-        if dimensions > dim:
-            raise EmbedError(
-                "InvalidRequest",
-                f"dimensions is {dimensions}; this model's embeddings have {dim}.",
-            )
-        vectors, dim = vectors[:, :dimensions], dimensions
-    if request.get("normalize", True):
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, 1e-12)
-    return vectors.astype("<f4").tobytes(), dim, lengths
-
-
 # Qwen3-Reranker's prompt: the model judges one document against the query, answering "yes" or
 # "no"; the score is the probability of "yes" against "no" at the answer's first token.
 RERANK_PREFIX = (
@@ -155,37 +107,99 @@ def _answer_token(tokenizer: Any, word: str) -> int:
     return int(tokenizer.encode(word, add_special_tokens=False)[0])
 
 
-def rerank(
-    model: Any,
-    tokenizer: Any,
-    request: dict[str, Any],
-    context_length: int,
-    vocab_size: int,
-) -> tuple[bytes, int, list[int]]:
-    """Relevance scores of documents for a query, as float32 bytes (one per document, dim 1)
-    and each pair's tokens: P(yes) / (P(yes) + P(no)) after the reranker's prompt, batched as
-    embeddings are (the full model this time: its logits, at each pair's last real token)."""
-    import mlx.core as mx
-    import numpy as np
+class Job:
+    """One Embed request (vectors, or rerank scores), computed one batch at a time between
+    decode steps: a long request neither stalls the model's generations for its whole length
+    nor outlives its client (a Cancel drops it between two batches). Its inputs are tokenized
+    and checked when it is made, so a bad one fails before any work."""
 
-    limit = min(context_length, request.get("context_length") or context_length)
-    prompts = [
-        rerank_prompt(request["query"], d, request.get("instruction")) for d in request["documents"]
-    ]
-    try:
-        ids = tokenize(tokenizer, prompts, limit, vocab_size)
-    except EmbedError as e:  # name the document, not the prompt built around it
-        raise EmbedError(e.kind, str(e).replace("input[", "documents[")) from None
-    yes, no = _answer_token(tokenizer, "yes"), _answer_token(tokenizer, "no")
-    lengths = [len(t) for t in ids]
-    scores = np.zeros(len(ids), dtype=np.float32)
-    for group in batches(lengths):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        request: dict[str, Any],
+        context_length: int,
+        vocab_size: int,
+    ) -> None:
+        self.request = request
+        self.rerank = request.get("task") == "rerank"
+        limit = min(context_length, request.get("context_length") or context_length)
+        if self.rerank:
+            prompts = [
+                rerank_prompt(request["query"], d, request.get("instruction"))
+                for d in request["documents"]
+            ]
+            try:
+                self.ids = tokenize(tokenizer, prompts, limit, vocab_size)
+            except EmbedError as e:  # name the document, not the prompt built around it
+                raise EmbedError(e.kind, str(e).replace("input[", "documents[")) from None
+            self.forward = model  # its logits
+            self.answers = (_answer_token(tokenizer, "no"), _answer_token(tokenizer, "yes"))
+        else:
+            truncate = bool(request.get("truncate"))
+            self.ids = tokenize(tokenizer, request["inputs"], limit, vocab_size, truncate)
+            self.forward = body_of(model)  # its final hidden states
+        self.lengths = [len(t) for t in self.ids]
+        self.groups = batches(self.lengths)
+        self.rows: list[Any] = [None] * len(self.ids)
+
+    @property
+    def done(self) -> bool:
+        return not self.groups
+
+    def step(self) -> None:
+        """One forward pass: the next batch of inputs."""
+        import mlx.core as mx
+        import numpy as np
+
+        group = self.groups.pop(0)
+        lengths = self.lengths
         width = max(lengths[i] for i in group)
-        padded = mx.array([ids[i] + [0] * (width - lengths[i]) for i in group])
+        padded = mx.array([self.ids[i] + [0] * (width - lengths[i]) for i in group])
         n = mx.array([lengths[i] for i in group])
-        logits = model(padded)[mx.arange(len(group)), n - 1].astype(mx.float32)
-        pair = mx.stack([logits[:, no], logits[:, yes]], axis=-1)
-        p_yes = mx.softmax(pair, axis=-1)[:, 1]
-        mx.eval(p_yes)
-        scores[group] = np.array(p_yes, dtype=np.float32)
-    return scores.astype("<f4").tobytes(), 1, lengths
+        last = mx.arange(len(group)), n - 1  # each input's last real token
+        out = self.forward(padded).astype(mx.float32)  # (batch, width, dim or vocabulary)
+        if self.rerank:
+            no, yes = self.answers
+            logits = out[last]
+            pooled = mx.softmax(mx.stack([logits[:, no], logits[:, yes]], axis=-1), axis=-1)
+            pooled = pooled[:, 1:]  # P(yes), as a vector of one
+        elif self.request.get("pooling") == "mean":
+            mask = (mx.arange(width)[None, :] < n[:, None]).astype(mx.float32)
+            pooled = (out * mask[..., None]).sum(axis=1) / n[:, None].astype(mx.float32)
+        else:
+            pooled = out[last]
+        mx.eval(pooled)
+        dimensions = self.request.get("dimensions")
+        if not self.rerank and dimensions is not None and dimensions > pooled.shape[1]:
+            raise EmbedError(
+                "InvalidRequest",
+                f"dimensions is {dimensions}; this model's embeddings have {pooled.shape[1]}.",
+            )
+        for row, i in zip(np.array(pooled, dtype=np.float32), group, strict=True):
+            self.rows[i] = row
+
+    def result(self) -> tuple[bytes, int, list[int]]:
+        """(float32 vectors as bytes, their dimension, each input's tokens), once done."""
+        import numpy as np
+
+        vectors = np.stack(self.rows)
+        dim = vectors.shape[1]
+        if not self.rerank:
+            dimensions = self.request.get("dimensions")
+            if dimensions is not None:  # step() checked that there are this many
+                vectors, dim = vectors[:, :dimensions], dimensions
+            if self.request.get("normalize", True):
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors.astype("<f4").tobytes(), dim, self.lengths
+
+
+def embed(
+    model: Any, tokenizer: Any, request: dict[str, Any], context_length: int, vocab_size: int
+) -> tuple[bytes, int, list[int]]:
+    """An Embed request computed whole (benchmarks, in-process callers)."""
+    job = Job(model, tokenizer, request, context_length, vocab_size)
+    while not job.done:
+        job.step()
+    return job.result()

@@ -117,6 +117,7 @@ class Engine:
         )
         self.shows_tools: bool | None = None  # does the template show tools? (found on first use)
         self.seqs: dict[int, _Sequence] = {}
+        self.embeds: dict[str, embedder.Job] = {}  # embedding requests, oldest first
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float, int], Callable[..., Any]] = {}
         self.generated_total = 0
@@ -450,23 +451,36 @@ class Engine:
         )
 
     def embed(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
-        """Vectors (or rerank scores) for an Embed, computed whole now: between two decode
-        steps, as a prefill."""
-        work = embedder.rerank if req.get("task") == "rerank" else embedder.embed
+        """Take an Embed: its inputs are checked now, its batches computed by embed_step."""
         try:
-            vectors, dim, tokens = work(
+            self.embeds[rid] = embedder.Job(
                 self.model, self.tokenizer, req, self.context_length, self.vocab_size
             )
         except embedder.EmbedError as e:
             events.append(Failed(rid, e.kind, str(e)))
-            return
+        except Exception as e:  # a tokenizer that fails on the text, ...
+            log.warning("request %s: could not embed", rid, exc_info=True)
+            events.append(Failed(rid, "InvalidRequest", f"Could not read the inputs: {e}"))
+
+    def embed_step(self, events: list[Event]) -> None:
+        """One batch of the oldest embedding request, between two decode steps."""
+        rid, job = next(iter(self.embeds.items()))
+        try:
+            job.step()
+            if not job.done:
+                return
+            del self.embeds[rid]
+            events.append(Embedded(rid, *job.result()))
+        except embedder.EmbedError as e:
+            self.embeds.pop(rid, None)
+            events.append(Failed(rid, e.kind, str(e)))
         except Exception as e:  # one bad request must not take the model down for everyone
+            self.embeds.pop(rid, None)
             log.warning("request %s: could not embed", rid, exc_info=True)
             events.append(Failed(rid, "ServiceError", f"Could not compute embeddings: {e}"))
-            return
-        events.append(Embedded(rid, vectors, dim, tokens))
 
     def cancel(self, rid: str) -> None:
+        self.embeds.pop(rid, None)
         uid = self.uid_of.pop(rid, None)
         if uid is not None:
             self.seqs.pop(uid, None)
@@ -595,7 +609,7 @@ class Engine:
     def run(self) -> None:
         conn = self.conn
         while True:
-            if not self.seqs:
+            if not self.seqs and not self.embeds:
                 self._report()
                 conn.poll(None)  # idle: sleep until the gateway writes (or goes away)
             events: list[Event] = []
@@ -609,6 +623,8 @@ class Engine:
                     self.cancel(msg.rid)
                 elif isinstance(msg, Stop):
                     return
+            if self.embeds:
+                self.embed_step(events)
             if self.seqs:
                 self.step(events)
             if events:
