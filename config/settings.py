@@ -71,6 +71,7 @@ class Settings:
     max_tokens_limit: int = 32768  # the largest max_tokens a request may ask for
     max_messages: int = 2048
     max_prompt_chars: int = 2_000_000  # per prompt, all messages together
+    max_embedding_inputs: int = 2048  # inputs in one embeddings request (OpenAI's limit)
     max_concurrent_per_key: int = 16  # requests in flight per API key; 0: no limit
     # Slow clients (gateway/http/connections.py): seconds a request's headers, then its body, may
     # take to arrive (0: no limit), and connections open at once (0: no limit).
@@ -244,7 +245,14 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 0:
             raise ValueError
         return number
-    if name in ("batch_size", "max_queue", "max_tokens_limit", "max_messages", "max_prompt_chars"):
+    if name in (
+        "batch_size",
+        "max_queue",
+        "max_tokens_limit",
+        "max_messages",
+        "max_prompt_chars",
+        "max_embedding_inputs",
+    ):
         number = int(value)
         if number < 1:
             raise ValueError

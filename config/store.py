@@ -136,6 +136,12 @@ def create_responses(db: sqlite_utils.Database) -> None:
     db.table("responses").create_index(["time"])
 
 
+@migrations()
+def add_profile_embedding_fields(db: sqlite_utils.Database) -> None:
+    db.table("profiles").add_column("pooling", str)  # embeddings: last | mean
+    db.table("profiles").add_column("rerank", str)  # how a language model reranks: yes_no
+
+
 REQUEST_COLUMNS = (
     "id, request_id, time, endpoint, model, profile, key_name, status, error, stream, "
     "finish_reason, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms"

@@ -39,6 +39,8 @@ EVERY_FIELD = {
     "tool_parser": tool_parsers()[0],
     "thinking": False,  # stored as 0: it must read back as False, not None or 0
     "reasoning_budget": 64,
+    "pooling": "last",
+    "rerank": "yes_no",
 }
 
 
@@ -53,6 +55,7 @@ def test_cli_profile_options_are_the_profile_fields() -> None:
     line += ["--pinned", "--description", "a test profile", "--reasoning-format", "inline"]
     line += ["--tool-parser", str(EVERY_FIELD["tool_parser"])]
     line += ["--no-thinking", "--reasoning-budget", "64"]
+    line += ["--pooling", "last", "--rerank", "yes_no"]
     assert given_fields(build_parser().parse_args(line)) == EVERY_FIELD
     # Left out: None, "leave it as it is"; --no-pinned is a value.
     unpinned = build_parser().parse_args(["profiles", "update", "p", "--no-pinned"])

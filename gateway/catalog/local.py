@@ -39,9 +39,35 @@ class LocalModel:
         return self.config.get("model_type")
 
     @property
+    def kind(self) -> str:
+        return model_kind(self.config)
+
+    @property
     def quantization_bits(self) -> int | None:
         q = self.config.get("quantization") or self.config.get("quantization_config") or {}
         return q.get("bits") if isinstance(q, dict) else None
+
+
+# Encoder families (BERT and its descendants): embedding models, not language models.
+_ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "modernbert", "nomic_bert", "distilbert", "electra"}
+)
+
+
+def model_kind(config: dict[str, Any]) -> str:
+    """What a model serves, from its config.json: "reranker" (a sequence classifier: a
+    cross-encoder), "embedding" (an encoder: BERT, XLM-RoBERTa, ModernBERT...) or "chat" (a
+    language model, which can also embed by pooling its hidden states)."""
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "reranker"
+    encoder = config.get("model_type") in _ENCODER_TYPES
+    if encoder or any(
+        a.endswith("ForMaskedLM") or a in ("BertModel", "XLMRobertaModel", "ModernBertModel")
+        for a in architectures
+    ):
+        return "embedding"
+    return "chat"
 
 
 def context_length_of(config: dict[str, Any]) -> int | None:
@@ -304,6 +330,7 @@ def inspect_model(model: LocalModel) -> dict[str, Any]:
         "path": str(model.path),
         "source": model.source,
         "family": model.family,
+        "kind": model.kind,
         "architecture": (config.get("architectures") or [None])[0],
         "parameters": count_parameters(model),
         "quantization": {"bits": q.get("bits"), "group_size": q.get("group_size")}

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.catalog.local import template_text, thinking_switch
-from gateway.engine import logits
+from gateway.engine import embedder, logits
 from gateway.engine.channels import ChannelSplitter, Markers
 from gateway.engine.grammar import tool_call_grammar
 from gateway.engine.pipe import WorkerPipe
 from gateway.engine.protocol import (
     Activity,
     Cancel,
+    Embed,
+    Embedded,
     Event,
     Failed,
     Finished,
@@ -93,6 +95,7 @@ class Engine:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
         self.mx = mx
+        self.model = model
         self.tokenizer = tokenizer
         self.conn = conn
         self.context_length = context_length
@@ -114,6 +117,7 @@ class Engine:
         )
         self.shows_tools: bool | None = None  # does the template show tools? (found on first use)
         self.seqs: dict[int, _Sequence] = {}
+        self.embeds: dict[str, embedder.Job] = {}  # embedding requests, oldest first
         self.uid_of: dict[str, int] = {}
         self.samplers: dict[tuple[float, float, int, float], Callable[..., Any]] = {}
         self.generated_total = 0
@@ -451,7 +455,37 @@ class Engine:
             repetition_penalty=req.get("repetition_penalty") or None,
         )
 
+    def embed(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
+        """Take an Embed: its inputs are checked now, its batches computed by embed_step."""
+        try:
+            self.embeds[rid] = embedder.Job(
+                self.model, self.tokenizer, req, self.context_length, self.vocab_size
+            )
+        except embedder.EmbedError as e:
+            events.append(Failed(rid, e.kind, str(e)))
+        except Exception as e:  # a tokenizer that fails on the text, ...
+            log.warning("request %s: could not embed", rid, exc_info=True)
+            events.append(Failed(rid, "InvalidRequest", f"Could not read the inputs: {e}"))
+
+    def embed_step(self, events: list[Event]) -> None:
+        """One batch of the oldest embedding request, between two decode steps."""
+        rid, job = next(iter(self.embeds.items()))
+        try:
+            job.step()
+            if not job.done:
+                return
+            del self.embeds[rid]
+            events.append(Embedded(rid, *job.result()))
+        except embedder.EmbedError as e:
+            self.embeds.pop(rid, None)
+            events.append(Failed(rid, e.kind, str(e)))
+        except Exception as e:  # one bad request must not take the model down for everyone
+            self.embeds.pop(rid, None)
+            log.warning("request %s: could not embed", rid, exc_info=True)
+            events.append(Failed(rid, "ServiceError", f"Could not compute embeddings: {e}"))
+
     def cancel(self, rid: str) -> None:
+        self.embeds.pop(rid, None)
         uid = self.uid_of.pop(rid, None)
         if uid is not None:
             self.seqs.pop(uid, None)
@@ -580,7 +614,7 @@ class Engine:
     def run(self) -> None:
         conn = self.conn
         while True:
-            if not self.seqs:
+            if not self.seqs and not self.embeds:
                 self._report()
                 conn.poll(None)  # idle: sleep until the gateway writes (or goes away)
             events: list[Event] = []
@@ -588,10 +622,14 @@ class Engine:
                 msg = conn.recv()
                 if isinstance(msg, Generate):
                     self.submit(msg.rid, msg.request, events)
+                elif isinstance(msg, Embed):
+                    self.embed(msg.rid, msg.request, events)
                 elif isinstance(msg, Cancel):
                     self.cancel(msg.rid)
                 elif isinstance(msg, Stop):
                     return
+            if self.embeds:
+                self.embed_step(events)
             if self.seqs:
                 self.step(events)
             if events:

@@ -23,6 +23,8 @@ from gateway.engine.pipe import LoopPipe
 from gateway.engine.protocol import (
     Activity,
     Cancel,
+    Embed,
+    Embedded,
     Event,
     Failed,
     Finished,
@@ -206,11 +208,19 @@ class WorkerHandle:
             ) from None
 
     def submit(self, req: dict[str, Any], sink: Sink) -> str:
+        """Start generating one choice; its events go to `sink`."""
+        return self._send(Generate, req, sink)
+
+    def embed(self, req: dict[str, Any], sink: Sink) -> str:
+        """Ask for embeddings; the one Embedded (or Failed) goes to `sink`."""
+        return self._send(Embed, req, sink)
+
+    def _send(self, message: type[Generate] | type[Embed], req: dict[str, Any], sink: Sink) -> str:
         if self.state != "ready" or self._pipe is None:
             raise ModelUnavailable(f"Model '{self.model.id}' is not loaded (state {self.state}).")
         rid = f"r{next(_rids)}"
         try:
-            self._pipe.send(Generate(rid, req))
+            self._pipe.send(message(rid, req))
         except OSError:
             raise ModelUnavailable(
                 f"Model '{self.model.id}' is unavailable: its worker has gone. Retry the request."
@@ -249,7 +259,7 @@ class WorkerHandle:
                 sink = sinks.get(ev.seq)
                 if sink is None:
                     continue  # a cancelled request's last tokens
-                if isinstance(ev, Finished | Failed):
+                if isinstance(ev, Finished | Failed | Embedded):
                     del sinks[ev.seq]
                 sink(ev)
         elif isinstance(msg, Heartbeat | Warm):

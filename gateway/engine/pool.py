@@ -35,7 +35,8 @@ from gateway import errors
 from gateway.catalog.local import LocalModel
 from gateway.catalog.names import Catalog, Resolved
 from gateway.engine.handle import ProcessWorkers
-from gateway.engine.request import GenerationRequest
+from gateway.engine.protocol import Embedded, Event, Failed
+from gateway.engine.request import Embeddings, GenerationRequest
 from gateway.engine.slot import (
     DRAINED,
     LOADED_STATES,
@@ -161,6 +162,32 @@ class ModelPool:
         generation.load_seconds = generation.started - asked
         await generation.start()
         return generation
+
+    async def embed(
+        self, resolved: Resolved, payload: dict[str, Any], keep_alive: float | None = None
+    ) -> Embeddings:
+        """Embeddings from the model's worker (loading it first if need be): a lease like a
+        generation's, held until the one answer comes."""
+        lease = await self.acquire(resolved, keep_alive)
+        try:
+            answer: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+
+            def sink(ev: Event) -> None:
+                if not answer.done():
+                    answer.set_result(ev)
+
+            rid = lease.handle.embed(payload, sink)
+            try:
+                ev = await answer
+            except asyncio.CancelledError:
+                lease.handle.cancel(rid)  # the client left: drop the answer when it comes
+                raise
+        finally:
+            lease.release()
+        if isinstance(ev, Failed):
+            raise getattr(errors, ev.kind, errors.ServiceError)(ev.message)
+        assert isinstance(ev, Embedded)
+        return Embeddings(ev.vectors, ev.dim, ev.tokens)
 
     async def acquire(self, resolved: Resolved, keep_alive: float | None = None) -> Lease:
         """A lease on a ready worker for this model: at once if it is ready, else after it

@@ -1,11 +1,12 @@
 """The messages between the gateway and a worker process, defined once.
 
-The gateway sends `Load`, then `Generate` and `Cancel` as requests come and go, and `Stop`. The
-worker answers `Warm` (its imports are done), `Ready` or `LoadFailed`, a `Heartbeat` every
-second from a thread of its own, and one list of events per decode step: what each sequence
-produced (`Started`, `Text`, `Reasoning`, `ToolCallStart`, `ToolCallArgs`, `Finished`, `Failed`)
-and now and then an `Activity` report. NamedTuples: as cheap to pickle as plain tuples, and read
-by name everywhere.
+The gateway sends `Load`, then `Generate`, `Embed` and `Cancel` as requests come and go, and
+`Stop`. The worker answers `Warm` (its imports are done), `Ready` or `LoadFailed`, a
+`Heartbeat` every second from a thread of its own, and one list of events per decode step:
+what each sequence produced (`Started`, `Text`, `Reasoning`, `ToolCallStart`, `ToolCallArgs`,
+`Finished`, `Failed`), an `Embedded` answer to an `Embed` (or a `Failed`), and now and then an
+`Activity` report. NamedTuples: as cheap to pickle as plain tuples, and read by name
+everywhere.
 
 An event's `seq` is the request id on the pipe; the pool's stream replaces it with the choice's
 index before anyone else sees the event, so the same types are the service's output events.
@@ -26,6 +27,14 @@ class Load(NamedTuple):
 class Generate(NamedTuple):
     rid: str
     request: dict[str, Any]  # GenerationRequest.payload()
+
+
+class Embed(NamedTuple):
+    """Vectors for some inputs (or a reranker's scores: vectors of one), computed whole
+    between two decode steps."""
+
+    rid: str
+    request: dict[str, Any]  # EmbeddingRequest.payload() or RerankRequest.payload()
 
 
 class Cancel(NamedTuple):
@@ -121,6 +130,17 @@ class Failed(NamedTuple):
     message: str
 
 
-Event = Started | Text | Reasoning | ToolCallStart | ToolCallArgs | Finished | Failed
+class Embedded(NamedTuple):
+    """An Embed's answer: one float32 vector per input (little-endian, `dim` each, in the
+    order given, as one buffer: a vector costs its bytes on the pipe, not a list of floats),
+    and each input's tokens."""
+
+    seq: Any
+    vectors: bytes
+    dim: int
+    tokens: list[int]
+
+
+Event = Started | Text | Reasoning | ToolCallStart | ToolCallArgs | Finished | Failed | Embedded
 # What a stream yields: everything but Started, which the stream keeps as usage.
 Output = Text | Reasoning | ToolCallStart | ToolCallArgs | Finished

@@ -132,3 +132,93 @@ class Choice:
     reasoning: str = ""
     tool_calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments]
     stop_sequence: str | None = None  # the stop string that ended it, if one did
+
+
+Pooling = Literal["last", "mean"]
+
+
+@dataclass
+class EmbeddingRequest:
+    """What every face asks of the service's one embedding path: vectors for some inputs."""
+
+    model: str  # any name a request may use
+    inputs: list[str | list[int]]  # texts, or token ids as they are
+    pooling: Pooling | None = None  # None: the profile's, else the model's default
+    normalize: bool = True  # L2-normalised vectors (OpenAI's are)
+    dimensions: int | None = None  # keep the first this many, then normalise again
+    # An input longer than the context is cut to it (Ollama's `truncate`) instead of refused.
+    truncate: bool = False
+    keep_alive: float | None = None
+    content: Callable[[], Any] | None = None  # for the request log, as GenerateRequest's
+
+    def payload(self, pooling: Pooling, context_length: int | None) -> dict[str, Any]:
+        """What the worker is sent: the inputs and how to pool them, with the profile's
+        pooling and context cap applied."""
+        return {
+            "inputs": self.inputs,
+            "pooling": pooling,
+            "normalize": self.normalize,
+            "dimensions": self.dimensions,
+            "truncate": self.truncate,
+            "context_length": context_length,
+        }
+
+
+@dataclass
+class Embeddings:
+    """An embedding request's answer: one vector per input, in order."""
+
+    vectors: bytes  # float32, little-endian, `dim` per input
+    dim: int
+    tokens: list[int]  # each input's tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.tokens)
+
+    def floats(self) -> list[list[float]]:
+        import numpy as np
+
+        rows: list[list[float]] = np.frombuffer(self.vectors, "<f4").reshape(-1, self.dim).tolist()
+        return rows
+
+    def base64(self) -> list[str]:
+        """Each vector's float32 bytes in base64, as OpenAI's `encoding_format: base64`."""
+        import base64
+
+        size = 4 * self.dim
+        data = self.vectors
+        return [base64.b64encode(data[i : i + size]).decode() for i in range(0, len(data), size)]
+
+
+@dataclass
+class RerankRequest:
+    """What every face asks of the service's one rerank path: documents scored for a query."""
+
+    model: str
+    query: str
+    documents: list[str]
+    instruction: str | None = None  # the reranker's task description; None: web search
+    keep_alive: float | None = None
+    content: Callable[[], Any] | None = None
+
+    def payload(self, context_length: int | None) -> dict[str, Any]:
+        return {
+            "task": "rerank",
+            "query": self.query,
+            "documents": self.documents,
+            "instruction": self.instruction,
+            "context_length": context_length,
+        }
+
+
+@dataclass
+class Ranking:
+    """A rerank request's answer: each document's relevance (0-1), in the order given."""
+
+    scores: list[float]
+    tokens: list[int]  # each (query, document) pair's tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.tokens)

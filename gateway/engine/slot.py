@@ -48,6 +48,10 @@ class Worker(Protocol):
         """Queue one request, returning its id; ModelUnavailable unless ready."""
         raise NotImplementedError
 
+    def embed(self, req: dict[str, Any], sink: Sink) -> str:
+        """Queue one embedding request (its one answer: Embedded or Failed)."""
+        raise NotImplementedError
+
     def cancel(self, rid: str) -> None:
         """Stop a request: no more of its events reach its sink."""
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from gateway import errors
 from gateway.engine.protocol import (
+    Embedded,
     Event,
     Failed,
     Finished,
@@ -126,7 +127,7 @@ class Generation:
             self._token_events[i] += 1
             if self.texts is not None and isinstance(ev, Text):
                 self.texts[i].append(ev.text)
-        assert not isinstance(ev, Started | Failed)
+        assert not isinstance(ev, Started | Failed | Embedded)
         return ev._replace(seq=i)
 
     @property

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute
 
 from config.settings import Settings
 from gateway.errors import ServiceError
-from gateway.http import admin, messages, ollama, responses, v1
+from gateway.http import admin, embeddings, messages, ollama, rerank, responses, v1
 from gateway.http.errorshape import error_response
 from gateway.http.middleware import (
     OPEN_PATHS,
@@ -111,6 +111,8 @@ def create_app(
     routes = [
         *admin.ROUTES,
         *v1.ROUTES,
+        *embeddings.ROUTES,
+        *rerank.ROUTES,
         *responses.ROUTES,
         *messages.ROUTES,
         *ollama.ROUTES,

@@ -9,7 +9,9 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from gateway.http.embeddings import EmbeddingBody
 from gateway.http.messages_schema import CountTokensRequest, MessagesRequest
+from gateway.http.rerank import RerankBody
 from gateway.http.responses_schema import InputTokensRequest, ResponseCreate
 from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -65,6 +67,8 @@ def openapi_document() -> dict[str, Any]:
         [
             (ChatCompletionRequest, "validation"),
             (CompletionRequest, "validation"),
+            (EmbeddingBody, "validation"),
+            (RerankBody, "validation"),
             (ResponseCreate, "validation"),
             (InputTokensRequest, "validation"),
             (MessagesRequest, "validation"),
@@ -102,6 +106,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest"),
             "/v1/completions": _generation("Text completion", "CompletionRequest"),
+            "/v1/embeddings": _generation("Embeddings", "EmbeddingBody"),
+            "/v1/rerank": _generation("Rerank documents for a query", "RerankBody"),
             "/v1/responses": _generation("Response (OpenAI Responses API)", "ResponseCreate"),
             "/v1/responses/input_tokens": _generation(
                 "Count a response's input tokens", "InputTokensRequest"

@@ -42,6 +42,7 @@ def _entry(e: dict[str, Any]) -> dict[str, Any]:
             "owned_by": "profile",
             "model": e["model"],
             "loaded": e["loaded"],
+            "kind": e.get("kind"),
         }
     name = e["id"]
     entry = {
@@ -51,6 +52,7 @@ def _entry(e: dict[str, Any]) -> dict[str, Any]:
         "owned_by": name.split("/")[0] if "/" in name and not name.startswith("/") else "local",
         "loaded": e["loaded"],
         "context_length": e["context_length"],
+        "kind": e["kind"],
     }
     if "size_bytes" in e:
         entry["size_bytes"] = e["size_bytes"]

@@ -29,6 +29,8 @@ GENERATION_ENDPOINTS = frozenset(
     {
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/v1/responses",

@@ -9,7 +9,14 @@ from typing import Any, Protocol
 
 from gateway.catalog.hub import DownloadProgress
 from gateway.engine.protocol import Output
-from gateway.engine.request import Choice, GenerateRequest
+from gateway.engine.request import (
+    Choice,
+    EmbeddingRequest,
+    Embeddings,
+    GenerateRequest,
+    Ranking,
+    RerankRequest,
+)
 from gateway.observe.requestlog import RequestRecord
 from gateway.observe.usage import Usage
 
@@ -33,6 +40,10 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
     async def generate(self, request: GenerateRequest, record: RequestRecord) -> Stream: ...
+
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings: ...
+
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking: ...
 
     def finish(self, record: RequestRecord) -> None: ...
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from config.settings import Settings
-from gateway.engine.request import GenerationRequest
+from gateway.engine.request import EmbeddingRequest, GenerationRequest, RerankRequest
 from gateway.errors import InvalidRequest
 
 
@@ -44,3 +44,58 @@ def capped(request: GenerationRequest, settings: Settings) -> GenerationRequest:
     if request.max_tokens is None or request.max_tokens > settings.max_tokens_limit:
         return replace(request, max_tokens=settings.max_tokens_limit)
     return request
+
+
+def check_embedding(request: EmbeddingRequest, settings: Settings) -> None:
+    """Refuse an embedding request with nothing to embed, an empty input, or more inputs or
+    characters than the limits allow, naming which."""
+    inputs = request.inputs
+    if not inputs:
+        raise InvalidRequest("input is empty: give a string or a list of them.", param="input")
+    if len(inputs) > settings.max_embedding_inputs:
+        raise InvalidRequest(
+            f"The request has {len(inputs)} inputs; this server embeds at most "
+            f"{settings.max_embedding_inputs} per request (MLX_MANAGER_MAX_EMBEDDING_INPUTS).",
+            param="input",
+            code="too_many_inputs",
+        )
+    for i, item in enumerate(inputs):
+        if not item:
+            what = "an empty string" if isinstance(item, str) else "an empty list of tokens"
+            raise InvalidRequest(f"input[{i}] is {what}.", param="input")
+        if isinstance(item, str) and len(item) > settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"input[{i}] is {len(item):,} characters; this server accepts at most "
+                f"{settings.max_prompt_chars:,} (MLX_MANAGER_MAX_PROMPT_CHARS).",
+                param="input",
+                code="prompt_too_long",
+            )
+    if request.dimensions is not None and request.dimensions < 1:
+        raise InvalidRequest("dimensions must be at least 1.", param="dimensions")
+
+
+def check_rerank(request: RerankRequest, settings: Settings) -> None:
+    """Refuse a rerank request with no query or documents, an empty document, or more
+    documents or characters than the limits allow."""
+    if not request.query:
+        raise InvalidRequest("query is empty.", param="query")
+    if not request.documents:
+        raise InvalidRequest("documents is empty: give at least one.", param="documents")
+    if len(request.documents) > settings.max_embedding_inputs:
+        raise InvalidRequest(
+            f"The request has {len(request.documents)} documents; this server scores at most "
+            f"{settings.max_embedding_inputs} per request (MLX_MANAGER_MAX_EMBEDDING_INPUTS).",
+            param="documents",
+            code="too_many_inputs",
+        )
+    chars = len(request.query) + max(len(d) for d in request.documents)
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"A query and document are {chars:,} characters; this server accepts at most "
+            f"{settings.max_prompt_chars:,} (MLX_MANAGER_MAX_PROMPT_CHARS).",
+            param="documents",
+            code="prompt_too_long",
+        )
+    for i, document in enumerate(request.documents):
+        if not document:
+            raise InvalidRequest(f"documents[{i}] is empty.", param="documents")

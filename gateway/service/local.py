@@ -11,10 +11,19 @@ from typing import Any
 
 from config.settings import Settings
 from config.store import Store
+from gateway import errors
 from gateway.catalog.hub import DownloadProgress, Downloads
+from gateway.catalog.local import LocalModel
 from gateway.catalog.names import Catalog
 from gateway.engine.pool import ModelPool
-from gateway.engine.request import GenerateRequest
+from gateway.engine.request import (
+    EmbeddingRequest,
+    Embeddings,
+    GenerateRequest,
+    Pooling,
+    Ranking,
+    RerankRequest,
+)
 from gateway.engine.stream import Generation
 from gateway.observe import logs
 from gateway.observe.metrics import Metrics
@@ -25,6 +34,7 @@ from gateway.observe.requestlog import (
     RequestRecord,
     content_of,
 )
+from gateway.observe.usage import Usage
 from gateway.service import limits
 
 # Paths whose requests are logged at debug level only (probes and scrapes every few seconds).
@@ -81,6 +91,7 @@ class LocalBackend:
         record.resolved(
             resolved.model.id, resolved.profile["name"] if resolved.profile is not None else None
         )
+        _serves(resolved.model, "chat")
         choices = [
             limits.capped(c.with_defaults(resolved.profile, settings.default_max_tokens), settings)
             for c in request.choices
@@ -98,6 +109,40 @@ class LocalBackend:
         if keep_text:
             gen.texts = [[] for _ in choices]
         return gen
+
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings:
+        """Resolve the name, check the limits, apply the profile's pooling and context cap,
+        and have the model's worker compute the vectors; the record takes the token count."""
+        record.model = request.model
+        if self.settings.log_content and request.content is not None:
+            record.prompt = content_of(request.content())
+        limits.check_embedding(request, self.settings)
+        resolved = self.pool.resolve(request.model)
+        profile = resolved.profile or {}
+        record.resolved(resolved.model.id, profile.get("name"))
+        _serves(resolved.model, "embedding")
+        pooling = request.pooling or profile.get("pooling") or default_pooling(resolved.model)
+        payload = request.payload(pooling, profile.get("context_length"))
+        result = await self.pool.embed(resolved, payload, request.keep_alive)
+        record.generated(Usage(prompt_tokens=result.prompt_tokens))
+        return result
+
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
+        """Score documents for a query on a language model that reranks (a profile's
+        `rerank`, or a model named as a reranker), through the pool like any request."""
+        record.model = request.model
+        if self.settings.log_content and request.content is not None:
+            record.prompt = content_of(request.content())
+        limits.check_rerank(request, self.settings)
+        resolved = self.pool.resolve(request.model)
+        profile = resolved.profile or {}
+        record.resolved(resolved.model.id, profile.get("name"))
+        _reranks(resolved.model, profile, request.model)
+        payload = request.payload(profile.get("context_length"))
+        result = await self.pool.embed(resolved, payload, request.keep_alive)
+        ranking = Ranking([row[0] for row in result.floats()], result.tokens)
+        record.generated(Usage(prompt_tokens=ranking.prompt_tokens))
+        return ranking
 
     def finish(self, record: RequestRecord) -> None:
         """A request is over: one line in the server log; for generation requests also a row
@@ -158,3 +203,58 @@ class LocalBackend:
 
     async def cancel_download(self, job_id: str) -> dict[str, Any]:
         return await self.loader.cancel(job_id)
+
+
+def default_pooling(model: LocalModel) -> Pooling:
+    """A language model made for embeddings (Qwen3-Embedding, gte-Qwen2: "embed" in its name)
+    is read at its last token, as it was trained; any other language model at the mean of
+    its tokens, which says more about the whole text than its last token does."""
+    return "last" if "embed" in model.id.lower() else "mean"
+
+
+def _serves(model: LocalModel, what: str) -> None:
+    """Refuse a request a model cannot serve, saying what it is for. Language models serve
+    chat and embeddings (by pooling); encoders and cross-encoders serve neither here yet."""
+    kind = model.kind
+    if kind == "chat":
+        return
+    if what == "chat":
+        raise errors.InvalidRequest(
+            f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model, not a "
+            f"language model: it cannot chat or complete text"
+            + (" (use /v1/embeddings)." if kind == "embedding" else "."),
+            param="model",
+            code="model_kind_mismatch",
+        )
+    raise errors.InvalidRequest(
+        f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model "
+        f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
+        "optional mlx-embeddings library, which this server does not use yet. Any language "
+        "model embeds here by pooling its hidden states.",
+        param="model",
+        code="model_kind_mismatch",
+    )
+
+
+def _reranks(model: LocalModel, profile: dict[str, Any], name: str) -> None:
+    """Refuse to rerank with a model that has no way to: a language model reranks when its
+    profile says how (`rerank`), or when it is named as a reranker (Qwen3-Reranker)."""
+    kind = model.kind
+    if kind == "chat" and (profile.get("rerank") or "rerank" in model.id.lower()):
+        return
+    if kind == "chat":
+        raise errors.InvalidRequest(
+            f"Model '{name}' is a language model with no way to rerank: use a reranker "
+            "(Qwen3-Reranker), or a profile of this model with `rerank: yes_no` if it was "
+            "trained to answer yes or no to a query and a document.",
+            param="model",
+            code="model_kind_mismatch",
+        )
+    raise errors.InvalidRequest(
+        f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model "
+        f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
+        "optional mlx-embeddings library, which this server does not use yet. Rerank with a "
+        "Qwen3-Reranker-style language model instead.",
+        param="model",
+        code="model_kind_mismatch",
+    )

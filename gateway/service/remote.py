@@ -5,6 +5,7 @@ records the requests it serves."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,14 @@ from config.settings import Settings
 from gateway import errors
 from gateway.catalog.hub import DownloadProgress
 from gateway.engine.protocol import Finished, Output, Reasoning, Text, ToolCallArgs, ToolCallStart
-from gateway.engine.request import Choice, GenerateRequest
+from gateway.engine.request import (
+    Choice,
+    EmbeddingRequest,
+    Embeddings,
+    GenerateRequest,
+    Ranking,
+    RerankRequest,
+)
 from gateway.observe.requestlog import RequestRecord
 from gateway.observe.usage import Usage
 from gateway.service.keys import client_key
@@ -127,6 +135,46 @@ class RemoteBackend:
         if len(choices) == 1:
             choices[0].completion_tokens = usage.completion_tokens
         return RemoteStream(choices, usage)
+
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings:
+        """Through the server's /v1/embeddings (base64: the vectors' exact bytes)."""
+        body: dict[str, Any] = {
+            "model": request.model,
+            "input": request.inputs,
+            "encoding_format": "base64",
+            "normalize": request.normalize,
+            "truncate": request.truncate,
+        }
+        for name in ("pooling", "dimensions", "keep_alive"):
+            if getattr(request, name) is not None:
+                body[name] = getattr(request, name)
+        data = await self._call("POST", "/v1/embeddings", body)
+        rows = [base64.b64decode(d["embedding"]) for d in data["data"]]
+        tokens = data["usage"]["prompt_tokens"]
+        # The server reports the total only: spread it so that the sum is exact.
+        per = [tokens // len(rows)] * len(rows)
+        per[0] += tokens - sum(per)
+        return Embeddings(b"".join(rows), len(rows[0]) // 4, per)
+
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
+        """Through the server's /v1/rerank, every result back in the documents' order."""
+        body: dict[str, Any] = {
+            "model": request.model,
+            "query": request.query,
+            "documents": request.documents,
+        }
+        if request.instruction is not None:
+            body["instruction"] = request.instruction
+        if request.keep_alive is not None:
+            body["keep_alive"] = request.keep_alive
+        data = await self._call("POST", "/v1/rerank", body)
+        scores = [0.0] * len(request.documents)
+        for r in data["results"]:
+            scores[r["index"]] = r["relevance_score"]
+        tokens = data["usage"]["prompt_tokens"]
+        per = [tokens // len(scores)] * len(scores)
+        per[0] += tokens - sum(per)
+        return Ranking(scores, per)
 
     def finish(self, record: RequestRecord) -> None:
         pass  # the server that served the request has recorded it

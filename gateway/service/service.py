@@ -31,7 +31,14 @@ from gateway.catalog.hub import DownloadProgress, delete_from_cache, search
 from gateway.catalog.local import LocalModel, inspect_model
 from gateway.catalog.names import Catalog
 from gateway.catalog.profiles import Profiles
-from gateway.engine.request import GenerateRequest, GenerationRequest
+from gateway.engine.request import (
+    EmbeddingRequest,
+    Embeddings,
+    GenerateRequest,
+    GenerationRequest,
+    Ranking,
+    RerankRequest,
+)
 from gateway.observe import logs
 from gateway.observe.requestlog import RequestRecord
 from gateway.service.backend import Backend, Stream
@@ -102,6 +109,7 @@ class Service:
                 "context_length": m.context_length,
                 "size_bytes": m.size_bytes,
                 "loaded": str(m.path) in loaded,
+                "kind": m.kind,
                 "source": m.source,
                 **({"description": m.description} if m.description else {}),
             }
@@ -125,6 +133,7 @@ class Service:
                     "profile": p["name"],
                     "model": p["model"],
                     "loaded": model is not None and str(model.path) in loaded,
+                    "kind": model.kind if model is not None else None,
                 }
             )
         return entries
@@ -142,6 +151,7 @@ class Service:
                 "profile": profile["name"],
                 "model": profile["model"],
                 "loaded": str(model.path) in loaded,
+                "kind": model.kind,
             }
         return _model_entry(name, resolved.model, loaded)
 
@@ -385,6 +395,17 @@ class Service:
         await stream.collect()
         return stream.usage.prompt_tokens
 
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings:
+        """The one embedding path of every face: resolve the name, apply the profile and the
+        limits, and have the model's worker compute one vector per input, through the same
+        pool as generation (budget, LRU, TTL, queue). `record` gets the prompt tokens."""
+        return await self.backend.embed(request, record)
+
+    async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
+        """The one rerank path: each document's relevance to the query (0-1, in the order
+        given), from a reranker model's worker through the same pool."""
+        return await self.backend.rerank(request, record)
+
     # Stored responses (/v1/responses with `store: true`) --------------------------------------
 
     async def save_response(
@@ -500,6 +521,7 @@ def _model_entry(name: str, model: LocalModel, loaded: set[str]) -> dict[str, An
         "created": model.created,
         "loaded": str(model.path) in loaded,
         "context_length": model.context_length,
+        "kind": model.kind,  # chat, embedding or reranker
     }
     if name == model.id:
         entry |= {"size_bytes": model.size_bytes, "description": model.description}
