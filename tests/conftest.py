@@ -14,6 +14,7 @@ import pytest
 
 from gateway.catalog.builder import EOS_TOKEN_ID, ModelSpec, build_model
 from tests.agent_model import build_agent_model
+from tests.encoder_model import build_encoder
 from tests.server import Server, start_server
 
 __all__ = ["HF_MODEL", "NO_EOS", "Models", "Server", "start_server"]
@@ -56,6 +57,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     build_model(folder / "tiny-big", ModelSpec(hidden_size=256, intermediate_size=512, seed=4))
     # Overfit to answer with tool calls and think blocks (tests/agent_model.py).
     build_agent_model(folder / "tiny-agent")
+    # Encoders, run by mlx-embeddings: an embedding model and two cross-encoders (rerank).
+    build_encoder(folder / "tiny-bert", "bert", "BertModel", seed=10)
+    build_encoder(folder / "tiny-cross", "bert", "BertForSequenceClassification", seed=11)
+    build_encoder(
+        folder / "tiny-xlmr-cross", "xlm-roberta", "XLMRobertaForSequenceClassification", seed=12
+    )
     # A folder that claims to be a model but has no weights: loading it must fail cleanly.
     (folder / "broken").mkdir()
     (folder / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))

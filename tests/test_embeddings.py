@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.catalog.local import inspect_model, model_kind, read_local_model
-from tests.conftest import Models, Server
+from tests.conftest import Server
 
 TEXTS = [
     "hello world",
@@ -241,23 +241,6 @@ def test_kind_in_models_and_model_info(client: openai.OpenAI, tmp_path: Path) ->
     assert client.models.retrieve("tiny-a").kind == "chat"
     model = read_local_model(encoder_folder(tmp_path, "BertModel"))
     assert model is not None and inspect_model(model)["kind"] == "embedding"
-
-
-def test_endpoints_refuse_models_of_another_kind(
-    client: openai.OpenAI, server: Server, models: Models
-) -> None:
-    bert = str(encoder_folder(models.folder, "BertModel"))
-    with pytest.raises(openai.BadRequestError, match="embedding model, not a language model"):
-        client.chat.completions.create(
-            model=bert, messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        )
-    with pytest.raises(openai.BadRequestError, match="mlx-embeddings"):
-        client.embeddings.create(model=bert, input="hi")
-    reranker = str(encoder_folder(models.folder, "BertForSequenceClassification"))
-    with pytest.raises(openai.BadRequestError, match="reranker model") as e:
-        client.embeddings.create(model=reranker, input="hi")
-    assert e.value.code == "model_kind_mismatch"
-    assert server.worker(bert) is None  # refused before anything loaded
 
 
 # Request log and metrics ----------------------------------------------------------------------

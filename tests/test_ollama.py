@@ -298,10 +298,10 @@ def test_errors(client: ollama.Client, server: Server) -> None:
     assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
     r = httpx.post(server.url + "/api/show", json={}, headers=server.headers)
     assert r.status_code == 400 and "model" in r.json()["error"]
-    # Embeddings come with the embeddings work; unknown paths are 404, both in Ollama's shape.
-    embed = {"model": "tiny-a", "input": "x"}
+    # A bad embedding input, and unknown paths, in Ollama's shape too.
+    embed = {"model": "tiny-a", "input": ["x", 3]}
     r = httpx.post(server.url + "/api/embed", json=embed, headers=server.headers)
-    assert r.status_code == 501 and "embeddings" in r.json()["error"].lower()
+    assert r.status_code == 400 and "input" in r.json()["error"], r.text
     r = httpx.get(server.url + "/api/nothing", headers=server.headers)
     assert r.status_code == 404 and list(r.json()) == ["error"]
 

@@ -40,7 +40,18 @@ class LocalModel:
 
     @property
     def kind(self) -> str:
-        return model_kind(self.config)
+        kind = model_kind(self.config)
+        if kind == "chat":  # a language model trained for one job says so in its name
+            name = self.id.rsplit("/", 1)[-1].lower()
+            if "reranker" in name:
+                return "reranker"  # Qwen3-Reranker
+            if "embedding" in name:
+                return "embedding"  # Qwen3-Embedding
+        return kind
+
+    @property
+    def encoder(self) -> bool:
+        return is_encoder(self.config)
 
     @property
     def quantization_bits(self) -> int | None:
@@ -61,13 +72,44 @@ def model_kind(config: dict[str, Any]) -> str:
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "reranker"
-    encoder = config.get("model_type") in _ENCODER_TYPES
-    if encoder or any(
-        a.endswith("ForMaskedLM") or a in ("BertModel", "XLMRobertaModel", "ModernBertModel")
-        for a in architectures
-    ):
+    if is_encoder(config):
         return "embedding"
     return "chat"
+
+
+def is_encoder(config: dict[str, Any]) -> bool:
+    """Is this a BERT-family encoder (served through mlx-embeddings), not a language model?"""
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    return config.get("model_type") in _ENCODER_TYPES or any(
+        a.endswith("ForMaskedLM") or a in ("BertModel", "XLMRobertaModel", "ModernBertModel")
+        for a in architectures
+    )
+
+
+def encoder_context(config: dict[str, Any]) -> int:
+    """Tokens an encoder reads at once. RoBERTa's positions start after its padding index,
+    so XLM-RoBERTa's 514 positions hold 512 tokens."""
+    positions = context_length_of(config) or 512
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        positions -= int(config.get("pad_token_id", 1)) + 1
+    return positions
+
+
+def declared_pooling(path: Path) -> str | None:
+    """The pooling a sentence-transformers model declares (1_Pooling/config.json): "cls",
+    "mean" or "last"; None when it declares none."""
+    try:
+        modes = json.loads((path / "1_Pooling" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key, pooling in (
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_lasttoken", "last"),
+        ("pooling_mode_mean_tokens", "mean"),
+    ):
+        if modes.get(key) is True:
+            return pooling
+    return None
 
 
 def context_length_of(config: dict[str, Any]) -> int | None:

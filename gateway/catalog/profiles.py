@@ -67,8 +67,8 @@ class Profile(BaseModel):
     reasoning_budget: Tokens | None = Field(
         None, description="Most reasoning tokens; then the think block is closed."
     )
-    pooling: Literal["last", "mean"] | None = Field(
-        None, description="Embeddings: pool the last token or the mean; default: inferred."
+    pooling: Literal["last", "mean", "cls"] | None = Field(
+        None, description="Embeddings: pool the mean, [CLS] or the last token; default: inferred."
     )
     rerank: Literal["yes_no"] | None = Field(
         None, description="Rerank as Qwen3-Reranker does: the probability of 'yes'."

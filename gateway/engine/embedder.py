@@ -46,25 +46,30 @@ def tokenize(
     ids: list[list[int]] = []
     for i, item in enumerate(inputs):
         tokens = tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
-        if not tokens:
-            raise EmbedError("InvalidRequest", f"input[{i}] has no tokens.")
         if truncate:
             tokens = tokens[:limit]
-        if len(tokens) > limit:
-            raise EmbedError(
-                "ContextLengthExceeded",
-                f"input[{i}] has {len(tokens)} tokens; this model takes at most {limit} "
-                "tokens per input. Shorten it or split it.",
-            )
-        bad = [t for t in tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise EmbedError(
-                "InvalidRequest",
-                f"input[{i}]: token id {bad[0]} is outside this model's vocabulary of "
-                f"{vocab_size} tokens.",
-            )
+        check(i, tokens, limit, vocab_size)
         ids.append(tokens)
     return ids
+
+
+def check(i: int, tokens: list[int], limit: int, vocab_size: int) -> None:
+    """Refuse input `i` if it is empty, longer than `limit` or outside the vocabulary."""
+    if not tokens:
+        raise EmbedError("InvalidRequest", f"input[{i}] has no tokens.")
+    if len(tokens) > limit:
+        raise EmbedError(
+            "ContextLengthExceeded",
+            f"input[{i}] has {len(tokens)} tokens; this model takes at most {limit} "
+            "tokens per input. Shorten it or split it.",
+        )
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise EmbedError(
+            "InvalidRequest",
+            f"input[{i}]: token id {bad[0]} is outside this model's vocabulary of "
+            f"{vocab_size} tokens.",
+        )
 
 
 def batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
@@ -100,6 +105,20 @@ def rerank_prompt(query: str, document: str, instruction: str | None) -> str:
         f"{RERANK_PREFIX}<Instruct>: {instruction or RERANK_INSTRUCTION}\n"
         f"<Query>: {query}\n<Document>: {document}{RERANK_SUFFIX}"
     )
+
+
+def pool(hidden: Any, n: Any, how: str | None) -> Any:
+    """Pool (batch, width, dim) hidden states over each row's `n` real tokens: their mean,
+    the first (an encoder's [CLS]) or the last."""
+    import mlx.core as mx
+
+    if how == "mean":
+        width = hidden.shape[1]
+        mask = (mx.arange(width)[None, :] < n[:, None]).astype(mx.float32)
+        return (hidden * mask[..., None]).sum(axis=1) / n[:, None].astype(mx.float32)
+    if how == "cls":
+        return hidden[:, 0]
+    return hidden[mx.arange(hidden.shape[0]), n - 1]
 
 
 def _answer_token(tokenizer: Any, word: str) -> int:
@@ -139,6 +158,12 @@ class Job:
             truncate = bool(request.get("truncate"))
             self.ids = tokenize(tokenizer, request["inputs"], limit, vocab_size, truncate)
             self.forward = body_of(model)  # its final hidden states
+        self.start()
+
+    def start(self, pad: int = 0) -> None:
+        """Batch the tokenized inputs. `pad` fills a short input's row: causal models never
+        read it; encoders mask it out."""
+        self.pad = pad
         self.lengths = [len(t) for t in self.ids]
         self.groups = batches(self.lengths)
         self.rows: list[Any] = [None] * len(self.ids)
@@ -155,20 +180,9 @@ class Job:
         group = self.groups.pop(0)
         lengths = self.lengths
         width = max(lengths[i] for i in group)
-        padded = mx.array([self.ids[i] + [0] * (width - lengths[i]) for i in group])
+        padded = mx.array([self.ids[i] + [self.pad] * (width - lengths[i]) for i in group])
         n = mx.array([lengths[i] for i in group])
-        last = mx.arange(len(group)), n - 1  # each input's last real token
-        out = self.forward(padded).astype(mx.float32)  # (batch, width, dim or vocabulary)
-        if self.rerank:
-            no, yes = self.answers
-            logits = out[last]
-            pooled = mx.softmax(mx.stack([logits[:, no], logits[:, yes]], axis=-1), axis=-1)
-            pooled = pooled[:, 1:]  # P(yes), as a vector of one
-        elif self.request.get("pooling") == "mean":
-            mask = (mx.arange(width)[None, :] < n[:, None]).astype(mx.float32)
-            pooled = (out * mask[..., None]).sum(axis=1) / n[:, None].astype(mx.float32)
-        else:
-            pooled = out[last]
+        pooled = self.pooled(group, padded, n)
         mx.eval(pooled)
         dimensions = self.request.get("dimensions")
         if not self.rerank and dimensions is not None and dimensions > pooled.shape[1]:
@@ -178,6 +192,20 @@ class Job:
             )
         for row, i in zip(np.array(pooled, dtype=np.float32), group, strict=True):
             self.rows[i] = row
+
+    def pooled(self, group: list[int], padded: Any, n: Any) -> Any:
+        """A batch's vectors (or scores, as vectors of one): a language model's last or mean
+        hidden state, or its probability of "yes"."""
+        import mlx.core as mx
+
+        last = mx.arange(len(group)), n - 1  # each input's last real token
+        out = self.forward(padded).astype(mx.float32)  # (batch, width, dim or vocabulary)
+        if self.rerank:
+            no, yes = self.answers
+            logits = out[last]
+            pooled = mx.softmax(mx.stack([logits[:, no], logits[:, yes]], axis=-1), axis=-1)
+            return pooled[:, 1:]  # P(yes), as a vector of one
+        return pool(out, n, self.request.get("pooling"))
 
     def result(self) -> tuple[bytes, int, list[int]]:
         """(float32 vectors as bytes, their dimension, each input's tokens), once done."""

@@ -458,14 +458,15 @@ class Engine:
     def embed(self, rid: str, req: dict[str, Any], events: list[Event]) -> None:
         """Take an Embed: its inputs are checked now, its batches computed by embed_step."""
         try:
-            self.embeds[rid] = embedder.Job(
-                self.model, self.tokenizer, req, self.context_length, self.vocab_size
-            )
+            self.embeds[rid] = self.new_job(req)
         except embedder.EmbedError as e:
             events.append(Failed(rid, e.kind, str(e)))
         except Exception as e:  # a tokenizer that fails on the text, ...
             log.warning("request %s: could not embed", rid, exc_info=True)
             events.append(Failed(rid, "InvalidRequest", f"Could not read the inputs: {e}"))
+
+    def new_job(self, req: dict[str, Any]) -> embedder.Job:
+        return embedder.Job(self.model, self.tokenizer, req, self.context_length, self.vocab_size)
 
     def embed_step(self, events: list[Event]) -> None:
         """One batch of the oldest embedding request, between two decode steps."""

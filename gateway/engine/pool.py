@@ -168,7 +168,9 @@ class ModelPool:
     ) -> Embeddings:
         """Embeddings from the model's worker (loading it first if need be): a lease like a
         generation's, held until the one answer comes."""
+        asked = time.perf_counter()
         lease = await self.acquire(resolved, keep_alive)
+        waited = time.perf_counter() - asked  # for its load, if it was not ready
         try:
             answer: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
 
@@ -187,7 +189,7 @@ class ModelPool:
         if isinstance(ev, Failed):
             raise getattr(errors, ev.kind, errors.ServiceError)(ev.message)
         assert isinstance(ev, Embedded)
-        return Embeddings(ev.vectors, ev.dim, ev.tokens)
+        return Embeddings(ev.vectors, ev.dim, ev.tokens, waited)
 
     async def acquire(self, resolved: Resolved, keep_alive: float | None = None) -> Lease:
         """A lease on a ready worker for this model: at once if it is ready, else after it

@@ -134,7 +134,7 @@ class Choice:
     stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
-Pooling = Literal["last", "mean"]
+Pooling = Literal["last", "mean", "cls"]
 
 
 @dataclass
@@ -171,6 +171,7 @@ class Embeddings:
     vectors: bytes  # float32, little-endian, `dim` per input
     dim: int
     tokens: list[int]  # each input's tokens
+    load_seconds: float = 0.0  # waited for the model's worker (its load)
 
     @property
     def prompt_tokens(self) -> int:

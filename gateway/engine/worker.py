@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from gateway.catalog.local import context_length_of, think_markers
+from gateway.catalog.local import context_length_of, encoder_context, is_encoder, think_markers
 from gateway.engine.generator import Engine
 from gateway.engine.pipe import WorkerPipe
 from gateway.engine.protocol import Heartbeat, Load, LoadFailed, Ready, Warm
@@ -72,10 +73,17 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
     started = time.perf_counter()
     try:
         import mlx.core as mx
-        import mlx_lm
 
-        model, tokenizer, config = mlx_lm.load(model_path, return_config=True)  # type: ignore[misc]
-        context = context_length_of(config) or 4096
+        if is_encoder(json.loads((Path(model_path) / "config.json").read_text())):
+            from gateway.engine import encoder
+
+            model, tokenizer, config = encoder.load(model_path)
+            context = encoder_context(config)
+        else:
+            import mlx_lm
+
+            model, tokenizer, config = mlx_lm.load(model_path, return_config=True)  # type: ignore[misc]
+            context = context_length_of(config) or 4096
     except BaseException as e:  # noqa: BLE001 - any load failure is reported, not raised
         log.error("load failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
         try:
@@ -98,18 +106,24 @@ def serve(conn: WorkerPipe, model_path: str, options: dict[str, Any]) -> None:
     conn.send(Ready(info))
     try:
         assert config is not None
-        cfg: dict[str, Any] = config.get("text_config") or config
-        vocab = max(int(cfg.get("vocab_size") or 0), len(tokenizer))
-        Engine(
-            model,
-            tokenizer,
-            conn,
-            context,
-            int(options.get("batch_size", 32)),
-            vocab,
-            int(options.get("prompt_cache_bytes", 0)),
-            think_markers(Path(model_path)),
-        ).run()
+        engine: Engine
+        if is_encoder(config):
+            from gateway.engine.encoder import EncoderEngine
+
+            engine = EncoderEngine(model, tokenizer, conn, config)
+        else:
+            cfg: dict[str, Any] = config.get("text_config") or config
+            engine = Engine(
+                model,
+                tokenizer,
+                conn,
+                context,
+                int(options.get("batch_size", 32)),
+                max(int(cfg.get("vocab_size") or 0), len(tokenizer)),
+                int(options.get("prompt_cache_bytes", 0)),
+                think_markers(Path(model_path)),
+            )
+        engine.run()
         log.info("stopping: asked by the gateway")
     except (EOFError, OSError, KeyboardInterrupt):
         log.info("stopping: the gateway went away")

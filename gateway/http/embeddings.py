@@ -83,7 +83,7 @@ class EmbeddingBody(BaseModel):
     user: str | None = None
     # mlx-manager's own: how the hidden states are pooled (a profile's `pooling` otherwise),
     # whether the vectors are normalised, and Ollama's keep_alive.
-    pooling: Literal["last", "mean"] | None = None
+    pooling: Literal["last", "mean", "cls"] | None = None
     normalize: bool = True
     truncate: bool = False  # cut inputs longer than the context instead of a 400 (Ollama's)
     keep_alive: float | str | None = None

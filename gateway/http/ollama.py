@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.engine.protocol import Finished, Reasoning, Text, ToolCallArgs, ToolCallStart
+from gateway.engine.request import EmbeddingRequest, Embeddings
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.http.handler import (
     ClientDisconnected,
@@ -36,6 +37,8 @@ from gateway.http.ollama_schema import (
     ChatRequest,
     CopyBody,
     CreateBody,
+    EmbedBody,
+    EmbeddingsBody,
     GenerateBody,
     ModelBody,
     PullBody,
@@ -52,11 +55,6 @@ DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop"}
 # Profile fields that describe it rather than set a default: not copied into another profile.
 _NOT_COPIED = {"name", "aliases", "created", "updated", "error", "pinned"}
 B = TypeVar("B", bound=BaseModel)
-
-
-class NotServedHere(ServiceError):
-    status = 501
-    type = "not_implemented"
 
 
 def created_at() -> str:
@@ -517,11 +515,42 @@ async def create(request: Request) -> Response:
     return _lines(_listed(statuses))
 
 
-async def embeddings(request: Request) -> Response:
-    raise NotServedHere(
-        "Embeddings are not served on Ollama's API yet: they come with the embeddings work "
-        "(POST /v1/embeddings)."
+async def embed(request: Request) -> Response:
+    body = await _body(request, EmbedBody)
+    if not body.texts():  # nothing to embed: Ollama loads the model and answers no vectors
+        await service_of(request).load(body.embedding_request().model)
+        return JSONResponse({"model": body.model, "embeddings": []})
+    result = await _embeddings(request, body.embedding_request())
+    if isinstance(result, Response):
+        return result
+    record = record_of(request)
+    return JSONResponse(
+        {
+            "model": body.model,
+            "embeddings": result.floats(),
+            "total_duration": _ns(time.perf_counter() - record.t0),
+            "load_duration": _ns(result.load_seconds),
+            "prompt_eval_count": result.prompt_tokens,
+        }
     )
+
+
+async def embeddings(request: Request) -> Response:
+    body = await _body(request, EmbeddingsBody)
+    if not body.prompt:  # as Ollama: an empty prompt has an empty embedding
+        return JSONResponse({"embedding": []})
+    result = await _embeddings(request, body.embedding_request())
+    if isinstance(result, Response):
+        return result
+    return JSONResponse({"embedding": result.floats()[0]})
+
+
+async def _embeddings(request: Request, embedding: EmbeddingRequest) -> Embeddings | Response:
+    work = service_of(request).embed(embedding, record_of(request))
+    try:
+        return await unless_disconnected(request, work)
+    except ClientDisconnected:
+        return Response(status_code=499)
 
 
 ROUTES = [
@@ -535,6 +564,6 @@ ROUTES = [
     Route("/api/delete", delete, methods=["DELETE"]),
     Route("/api/copy", copy, methods=["POST"]),
     Route("/api/create", create, methods=["POST"]),
-    Route("/api/embed", embeddings, methods=["POST"]),
+    Route("/api/embed", embed, methods=["POST"]),
     Route("/api/embeddings", embeddings, methods=["POST"]),
 ]

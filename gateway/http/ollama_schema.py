@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from config.settings import parse_duration
 from gateway.engine.grammar import grammar_for_text, tool_call_grammar
-from gateway.engine.request import GenerateRequest, GenerationRequest, effort
+from gateway.engine.request import EmbeddingRequest, GenerateRequest, GenerationRequest, effort
 from gateway.fields import MAX_TOKENS, Temperature, Tokens, TopP
 from gateway.http.schemas import MAX_STOPS, KeepAlive, Tool
 
@@ -317,3 +317,50 @@ class CreateBody(ModelBody):
         if self.system is not None:
             fields["system_prompt"] = self.system
         return fields
+
+
+class EmbedBody(_Body):
+    """/api/embed: one text or a list of them; inputs over the context are cut (`truncate`,
+    on by default as in Ollama) and the vectors are normalised."""
+
+    model: Annotated[str, Field(min_length=1)]
+    input: str | list[str] = ""
+    truncate: bool = True
+    dimensions: Tokens | None = None
+    options: Options = Field(default_factory=Options)
+    keep_alive: KeepAlive = None
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input] if self.input else []
+        return self.input
+
+    def embedding_request(self) -> EmbeddingRequest:
+        texts = self.texts()
+        return EmbeddingRequest(
+            model=model_name(self.model),
+            inputs=list(texts),
+            dimensions=self.dimensions,
+            truncate=self.truncate,
+            keep_alive=parse_duration(self.keep_alive),
+            content=lambda: texts,
+        )
+
+
+class EmbeddingsBody(_Body):
+    """/api/embeddings, Ollama's older endpoint: one `prompt`, its vector not normalised."""
+
+    model: Annotated[str, Field(min_length=1)]
+    prompt: str = ""
+    options: Options = Field(default_factory=Options)
+    keep_alive: KeepAlive = None
+
+    def embedding_request(self) -> EmbeddingRequest:
+        prompt = self.prompt
+        return EmbeddingRequest(
+            model=model_name(self.model),
+            inputs=[prompt],
+            normalize=False,
+            keep_alive=parse_duration(self.keep_alive),
+            content=lambda: [prompt],
+        )

@@ -37,6 +37,8 @@ GENERATION_ENDPOINTS = frozenset(
         "/v1/responses/input_tokens",
         "/api/chat",
         "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
         "mcp:chat",
     }
 )

@@ -5,15 +5,16 @@ to)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, cast
 
 from config.settings import Settings
 from config.store import Store
 from gateway import errors
 from gateway.catalog.hub import DownloadProgress, Downloads
-from gateway.catalog.local import LocalModel
+from gateway.catalog.local import LocalModel, declared_pooling
 from gateway.catalog.names import Catalog
 from gateway.engine.pool import ModelPool
 from gateway.engine.request import (
@@ -206,55 +207,73 @@ class LocalBackend:
 
 
 def default_pooling(model: LocalModel) -> Pooling:
-    """A language model made for embeddings (Qwen3-Embedding, gte-Qwen2: "embed" in its name)
-    is read at its last token, as it was trained; any other language model at the mean of
-    its tokens, which says more about the whole text than its last token does."""
-    return "last" if "embed" in model.id.lower() else "mean"
+    """The pooling a model declares (sentence-transformers' 1_Pooling), else: an encoder's
+    mean; a language model made for embeddings (Qwen3-Embedding: its kind says so) read at its
+    last token, as it was trained; any other language model at the mean of its tokens, which
+    says more about the whole text than its last token does."""
+    declared = declared_pooling(model.path)
+    if declared in ("cls", "mean", "last"):
+        return cast(Pooling, declared)
+    return "last" if model.kind == "embedding" and not model.encoder else "mean"
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind == 'embedding' else 'a'} {kind} model"
+
+
+def _runnable(model: LocalModel) -> None:
+    """Refuse an encoder model when the library that runs encoders is not installed."""
+    if model.encoder and importlib.util.find_spec("mlx_embeddings") is None:
+        raise errors.InvalidRequest(
+            f"Model '{model.id}' is {_a(model.kind)} "
+            f"({(model.config.get('architectures') or ['?'])[0]}); encoder models run on "
+            "mlx-embeddings, which is not installed: pip install 'mlx-manager[encoders]'.",
+            param="model",
+            code="encoder_library_missing",
+        )
 
 
 def _serves(model: LocalModel, what: str) -> None:
-    """Refuse a request a model cannot serve, saying what it is for. Language models serve
-    chat and embeddings (by pooling); encoders and cross-encoders serve neither here yet."""
+    """Refuse a request a model cannot serve, saying what it is for. Language models chat
+    and embed (by pooling); embedding models (encoders, Qwen3-Embedding) only embed;
+    rerankers only rerank."""
     kind = model.kind
-    if kind == "chat":
-        return
-    if what == "chat":
+    if what == "chat" and kind != "chat":
         raise errors.InvalidRequest(
-            f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model, not a "
-            f"language model: it cannot chat or complete text"
-            + (" (use /v1/embeddings)." if kind == "embedding" else "."),
+            f"Model '{model.id}' is {_a(kind)}, not a chat model: it cannot chat or complete "
+            "text" + (" (use /v1/embeddings)." if kind == "embedding" else " (use /v1/rerank)."),
             param="model",
             code="model_kind_mismatch",
         )
-    raise errors.InvalidRequest(
-        f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model "
-        f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
-        "optional mlx-embeddings library, which this server does not use yet. Any language "
-        "model embeds here by pooling its hidden states.",
-        param="model",
-        code="model_kind_mismatch",
-    )
+    if what == "embedding" and kind == "reranker":
+        raise errors.InvalidRequest(
+            f"Model '{model.id}' is a reranker: it scores documents for a query (use "
+            "/v1/rerank), it does not make embeddings.",
+            param="model",
+            code="model_kind_mismatch",
+        )
+    _runnable(model)
 
 
 def _reranks(model: LocalModel, profile: dict[str, Any], name: str) -> None:
-    """Refuse to rerank with a model that has no way to: a language model reranks when its
-    profile says how (`rerank`), or when it is named as a reranker (Qwen3-Reranker)."""
+    """Refuse to rerank with a model that has no way to: rerankers do (cross-encoders, and
+    language models named as rerankers: Qwen3-Reranker), and so does a language model whose
+    profile says how (`rerank`)."""
     kind = model.kind
-    if kind == "chat" and (profile.get("rerank") or "rerank" in model.id.lower()):
+    if kind == "reranker" or (kind == "chat" and profile.get("rerank")):
+        _runnable(model)
         return
     if kind == "chat":
         raise errors.InvalidRequest(
             f"Model '{name}' is a language model with no way to rerank: use a reranker "
-            "(Qwen3-Reranker), or a profile of this model with `rerank: yes_no` if it was "
-            "trained to answer yes or no to a query and a document.",
+            "(a cross-encoder, or Qwen3-Reranker), or a profile of this model with "
+            "`rerank: yes_no` if it was trained to answer yes or no to a query and a document.",
             param="model",
             code="model_kind_mismatch",
         )
     raise errors.InvalidRequest(
-        f"Model '{model.id}' is {'an' if kind == 'embedding' else 'a'} {kind} model "
-        f"({(model.config.get('architectures') or ['?'])[0]}); encoder models need the "
-        "optional mlx-embeddings library, which this server does not use yet. Rerank with a "
-        "Qwen3-Reranker-style language model instead.",
+        f"Model '{model.id}' is an embedding model: it makes vectors (use /v1/embeddings), it "
+        "does not score documents. Rerank with a cross-encoder or a Qwen3-Reranker.",
         param="model",
         code="model_kind_mismatch",
     )
