@@ -102,3 +102,31 @@ def build_encoder(path: Path, family: str, architecture: str, seed: int, labels:
             weights["classifier.weight"] = mx.random.normal((labels, HIDDEN)) * scale
             weights["classifier.bias"] = mx.zeros((labels,))
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+
+
+def build_modernbert(path: Path, architecture: str, seed: int) -> None:
+    """A 3-layer ModernBERT (global and local attention layers) saved as `architecture`;
+    its classifier, for ModernBertForSequenceClassification, is mlx-embeddings' own."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_embeddings.models import modernbert
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": [architecture],
+        "model_type": "modernbert",
+        "vocab_size": _bert_tokenizer(path),
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 3,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+        "local_attention": 16,
+        "classifier_pooling": "mean",
+        "id2label": {"0": "LABEL_0"},
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    mx.random.seed(seed)
+    model = modernbert.Model(modernbert.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})

@@ -274,3 +274,39 @@ def test_request_log_rows(server: Server) -> None:
         path, body = asks[row["request_id"]]
         assert (row["endpoint"], row["model"], row["status"]) == (path, body["model"], 200)
         assert row["prompt_tokens"] == tokens[row["request_id"]] > 0
+
+
+@pytest.mark.parametrize(
+    ("architecture", "request_"),
+    [
+        ("ModernBertModel", {"inputs": DOCS}),
+        (
+            "ModernBertForSequenceClassification",
+            {"task": "rerank", "query": "q", "documents": DOCS},
+        ),
+    ],
+)
+def test_modernbert_in_the_worker_code(
+    tmp_path: Any, architecture: str, request_: dict[str, Any]
+) -> None:
+    """ModernBERT (which pools inside the model, as its config says, and has mlx-embeddings'
+    own classifier) through the worker's encoder code, batched and one by one."""
+    from gateway.engine import encoder
+    from tests.encoder_model import build_modernbert
+
+    build_modernbert(tmp_path / "m", architecture, seed=13)
+    model, tokenizer, config = encoder.load(str(tmp_path / "m"))
+
+    def run(req: dict[str, Any]) -> np.ndarray:
+        job = encoder.Job(model, tokenizer, req, 128)
+        while not job.done:
+            job.step()
+        vectors, dim, _ = job.result()
+        return np.frombuffer(vectors, "<f4").reshape(-1, dim)
+
+    together = run(request_)
+    key = "documents" if "documents" in request_ else "inputs"
+    assert together.shape == (len(DOCS), 1 if key == "documents" else 64)
+    for i, item in enumerate(DOCS):
+        alone = run({**request_, key: [item]})[0]
+        assert np.abs(alone - together[i]).max() < 1e-3

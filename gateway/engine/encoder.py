@@ -30,6 +30,9 @@ def _module(config: dict[str, Any]) -> Any:
     return importlib.import_module(f"mlx_embeddings.models.{family}")
 
 
+_HEADS = ("bert", "roberta", "xlm-roberta")
+
+
 def _cross_encoder(config: dict[str, Any]) -> tuple[Any, Any, None, None]:
     """mlx-embeddings' encoder with a sequence-classification head on top, built as
     transformers builds one: BERT's linear layer over the pooled [CLS] state, RoBERTa's
@@ -98,7 +101,9 @@ def load(path: str) -> tuple[Any, Any, dict[str, Any]]:
         ) from e
     from transformers import AutoTokenizer
 
-    classes = _cross_encoder if model_kind(config) == "reranker" else _get_classes
+    # ModernBERT's classifier is mlx-embeddings' own; BERT's and RoBERTa's heads are ours.
+    ours = model_kind(config) == "reranker" and config.get("model_type") in _HEADS
+    classes = _cross_encoder if ours else _get_classes
     model = load_model(Path(path), get_model_classes=classes, path_to_repo=str(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, config
@@ -127,8 +132,6 @@ class Job(embedder.Job):
         self.rerank = request.get("task") == "rerank"
         limit = min(context_length, request.get("context_length") or context_length)
         if self.rerank:
-            if not hasattr(model, "score"):
-                raise embedder.EmbedError("InvalidRequest", "This model is not a cross-encoder.")
             # A document longer than the model's window is cut, as sentence-transformers
             # does: encoders' windows (512 tokens) are shorter than many passages.
             encoded = [
@@ -167,10 +170,14 @@ class Job(embedder.Job):
             )
         out = self.model(padded, **kwargs)
         if self.rerank:
-            return self.model.score(out)
-        return embedder.pool(
-            out.last_hidden_state.astype(mx.float32), n, self.request.get("pooling")
-        )
+            if hasattr(self.model, "score"):
+                return self.model.score(out)
+            # mlx-embeddings' own classifier (ModernBERT): probabilities already.
+            return out.pooler_output.astype(mx.float32)[:, -1:]
+        hidden = out.last_hidden_state.astype(mx.float32)
+        if hidden.ndim == 2:  # pooled by the model itself, as its config says (ModernBERT)
+            return hidden
+        return embedder.pool(hidden, n, self.request.get("pooling"))
 
 
 class EncoderEngine(Engine):
