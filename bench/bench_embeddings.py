@@ -1,7 +1,9 @@
 """Embedding throughput benchmark (not a test): inputs/s and tokens/s at batch sizes 1, 8 and 64,
 through the gateway (openai SDK, POST /v1/embeddings, base64 as the SDK asks) against the same
-model called in-process (gateway/engine/embedder.py, the code the worker runs), in one run, on
-the ~16M-parameter random model (and the ~1M tiny one, where the gateway's own cost shows most).
+model called in-process (gateway/engine/embedder.py and encoder.py, the code the worker runs),
+in one run, on the ~16M-parameter random language model, the ~1M tiny one (where the gateway's
+own cost shows most) and a BERT encoder of MiniLM-L6's shape (6 layers of 384, ~22M parameters
+without its vocabulary; needs the `encoders` extra).
 
     .venv/bin/python bench/bench_embeddings.py [--seconds 5]
 """
@@ -19,9 +21,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.catalog.builder import BENCH_SPEC, ModelSpec, build_model  # noqa: E402
+from tests.encoder_model import build_encoder  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 SPECS = {"tiny-1m": ModelSpec(), "bench-20m": BENCH_SPEC}
+ENCODER = "bert-minilm-shape"
+NAMES = (*SPECS, ENCODER)
 BATCHES = (1, 8, 64)
 WORDS = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun".split()
 
@@ -48,9 +53,20 @@ def rate(call: Callable[[list[str]], int], batch: int, seconds: float) -> tuple[
 
 
 def in_process(path: Path, seconds: float) -> dict[int, tuple[float, float]]:
-    import mlx_lm
+    from gateway.engine import embedder, encoder
 
-    from gateway.engine import embedder
+    if path.name == ENCODER:
+        model, tok, _ = encoder.load(str(path))
+
+        def call(inputs: list[str]) -> int:
+            job = encoder.Job(model, tok, {"inputs": inputs, "pooling": "mean"}, 128)
+            while not job.done:
+                job.step()
+            return sum(job.result()[2])
+
+        return {b: rate(call, b, seconds) for b in BATCHES}
+
+    import mlx_lm
 
     model, tok = mlx_lm.load(str(path))
 
@@ -78,8 +94,10 @@ def main() -> None:
         if not (args.models / name / "model.safetensors").exists():
             print(f"building {name} in {args.models} ...", flush=True)
             build_model(args.models / name, spec)
+    if not (args.models / ENCODER / "model.safetensors").exists():
+        build_encoder(args.models / ENCODER, "bert", "BertModel", seed=0, hidden=384, layers=6)
 
-    baseline = {name: in_process(args.models / name, args.seconds) for name in SPECS}
+    baseline = {name: in_process(args.models / name, args.seconds) for name in NAMES}
 
     import httpx
     import openai
@@ -90,13 +108,13 @@ def main() -> None:
         server = start_server(Path(home) / "home", {**env, "MLX_MANAGER_WARM_SPARE": "0"})
         try:
             client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=600)
-            for name in SPECS:
+            for name in NAMES:
                 httpx.post(server.url + "/admin/load", json={"model": name}, timeout=600)
                 results[name] = through_gateway(client, name, args.seconds)
         finally:
             server.stop()
 
-    for name in SPECS:
+    for name in NAMES:
         print(f"\n== {name} (mean pooling, 8-24 word inputs)")
         for b in BATCHES:
             (ia, ta), (ig, tg) = baseline[name][b], results[name][b]

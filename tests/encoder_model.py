@@ -57,9 +57,18 @@ def _roberta_tokenizer(path: Path) -> int:
     return int(tok.get_vocab_size())
 
 
-def build_encoder(path: Path, family: str, architecture: str, seed: int, labels: int = 1) -> None:
-    """A 2-layer encoder of `family` ("bert" or "xlm-roberta") saved as transformers saves
-    `architecture` (BertModel, BertForSequenceClassification, ...)."""
+def build_encoder(
+    path: Path,
+    family: str,
+    architecture: str,
+    seed: int,
+    labels: int = 1,
+    hidden: int = HIDDEN,
+    layers: int = 2,
+) -> None:
+    """An encoder of `family` ("bert" or "xlm-roberta") saved as transformers saves
+    `architecture` (BertModel, BertForSequenceClassification, ...): 2 layers of 64 by default;
+    the benchmark's is MiniLM-L6's shape (6 layers of 384)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_embeddings.models import bert, xlm_roberta
@@ -71,10 +80,10 @@ def build_encoder(path: Path, family: str, architecture: str, seed: int, labels:
         "architectures": [architecture],
         "model_type": family,
         "vocab_size": vocab,
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 16 if hidden <= 64 else hidden // 32,
+        "intermediate_size": 2 * hidden if hidden <= 64 else 4 * hidden,
         "max_position_embeddings": 130 if roberta else 128,
         "type_vocab_size": 1 if roberta else 2,
         "layer_norm_eps": 1e-5 if roberta else 1e-12,
@@ -92,14 +101,14 @@ def build_encoder(path: Path, family: str, architecture: str, seed: int, labels:
         # (RoBERTa's classifier has no pooler: its head reads the [CLS] state itself.)
         kept = {k: v for k, v in weights.items() if not (roberta and k.startswith("pooler."))}
         weights = {prefix + k: v for k, v in kept.items()}
-        scale = 1 / HIDDEN**0.5
+        scale = 1 / hidden**0.5
         if roberta:
-            weights["classifier.dense.weight"] = mx.random.normal((HIDDEN, HIDDEN)) * scale
-            weights["classifier.dense.bias"] = mx.zeros((HIDDEN,))
-            weights["classifier.out_proj.weight"] = mx.random.normal((labels, HIDDEN)) * scale
+            weights["classifier.dense.weight"] = mx.random.normal((hidden, hidden)) * scale
+            weights["classifier.dense.bias"] = mx.zeros((hidden,))
+            weights["classifier.out_proj.weight"] = mx.random.normal((labels, hidden)) * scale
             weights["classifier.out_proj.bias"] = mx.zeros((labels,))
         else:
-            weights["classifier.weight"] = mx.random.normal((labels, HIDDEN)) * scale
+            weights["classifier.weight"] = mx.random.normal((labels, hidden)) * scale
             weights["classifier.bias"] = mx.zeros((labels,))
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
 

@@ -310,3 +310,14 @@ def test_modernbert_in_the_worker_code(
     for i, item in enumerate(DOCS):
         alone = run({**request_, key: [item]})[0]
         assert np.abs(alone - together[i]).max() < 1e-3
+
+
+def test_console_shows_kinds_and_chats_only_with_chat_models(server: Server) -> None:
+    headers = {**server.headers, "HX-Request": "true"}
+    models = httpx.get(server.url + "/console/models", headers=headers)
+    assert models.status_code == 200
+    row = models.text[models.text.index('data-model="tiny-bert"') :]
+    assert "<td>embedding</td>" in row[: row.index("</tr>")]
+    chat = httpx.get(server.url + "/console/chat/models", headers=headers)
+    assert 'value="tiny-a"' in chat.text
+    assert 'value="tiny-bert"' not in chat.text and 'value="tiny-cross"' not in chat.text
