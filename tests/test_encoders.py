@@ -217,6 +217,8 @@ def test_without_mlx_embeddings_an_encoder_is_a_clear_400(
 
 def test_ollama_embed_and_embeddings(server: Server) -> None:
     client = ollama.Client(host=server.url, headers=server.headers)
+    assert client.show("tiny-bert").capabilities == ["embedding"]
+    assert "completion" in (client.show("tiny-a").capabilities or [])
     got = client.embed(model="tiny-bert:latest", input=TEXTS[:2])
     vectors = np.array(got.embeddings)
     assert vectors.shape == (2, 64)

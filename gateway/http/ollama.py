@@ -299,9 +299,13 @@ async def show(request: Request) -> Response:
     if profile.get("system_prompt"):
         modelfile.append(f'SYSTEM """{profile["system_prompt"]}"""')
     family = info.get("family") or "model"
-    capabilities = ["completion"]
-    capabilities += ["tools"] if info.get("tool_calling") else []
-    capabilities += ["thinking"] if info.get("reasoning") else []
+    # As Ollama lists them: an embedding model only embeds (apps pick embedders by this); a
+    # reranker has no Ollama capability.
+    capabilities = {"embedding": ["embedding"], "reranker": []}.get(info.get("kind") or "", [])
+    if info.get("kind") in (None, "chat"):
+        capabilities = ["completion"]
+        capabilities += ["tools"] if info.get("tool_calling") else []
+        capabilities += ["thinking"] if info.get("reasoning") else []
     model_info: dict[str, Any] = {
         "general.architecture": family,
         "general.basename": info["id"],
