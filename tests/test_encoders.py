@@ -156,6 +156,10 @@ def test_a_long_document_is_cut_to_the_window(server: Server) -> None:
     sentence-transformers cuts it, not refused."""
     got = rerank(server, "tiny-cross", ["cat " * 400, "a cat"])
     assert len(got["results"]) == 2
+    # The query is never cut: one that leaves no room is a 400 saying so.
+    body = {"model": "tiny-cross", "query": "cat " * 400, "documents": ["a cat"]}
+    r = httpx.post(server.v1 + "/rerank", json=body, timeout=60)
+    assert r.status_code == 400 and "query is too long" in r.json()["error"]["message"], r.text
 
 
 def test_each_kind_refuses_the_others_work(client: openai.OpenAI, server: Server) -> None:

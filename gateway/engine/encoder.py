@@ -134,10 +134,20 @@ class Job(embedder.Job):
         if self.rerank:
             # A document longer than the model's window is cut, as sentence-transformers
             # does: encoders' windows (512 tokens) are shorter than many passages.
-            encoded = [
-                tokenizer(request["query"], d, truncation="only_second", max_length=limit)
-                for d in request["documents"]
-            ]
+            encoded = []
+            query = request["query"]
+            for i, document in enumerate(request["documents"]):
+                try:  # only the document is cut, never the query
+                    enc = tokenizer(query, document, truncation="only_second", max_length=limit)
+                except Exception:  # the tokenizers library: "Sequence to truncate too short"
+                    enc = tokenizer(query, document)
+                if len(enc["input_ids"]) > limit:
+                    raise embedder.EmbedError(
+                        "ContextLengthExceeded",
+                        f"The query is too long for this model: with documents[{i}] it takes "
+                        f"{len(enc['input_ids'])} tokens, and the model reads at most {limit}.",
+                    )
+                encoded.append(enc)
         else:
             truncate = bool(request.get("truncate"))
             head, tail = _specials(tokenizer)

@@ -21,6 +21,7 @@ from gateway.http.handler import (
     service_of,
     unless_disconnected,
 )
+from gateway.http.schemas import KeepAlive
 
 
 def inputs_of(value: Any) -> list[str | list[int]]:
@@ -86,21 +87,12 @@ class EmbeddingBody(BaseModel):
     pooling: Literal["last", "mean", "cls"] | None = None
     normalize: bool = True
     truncate: bool = False  # cut inputs longer than the context instead of a 400 (Ollama's)
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
     @field_validator("input")
     @classmethod
     def _input(cls, v: Any) -> Any:
         inputs_of(v)
-        return v
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: float | str | None) -> float | str | None:
-        try:
-            parse_duration(v)
-        except ValueError:
-            raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
         return v
 
     def embedding_request(self) -> EmbeddingRequest:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +21,7 @@ from gateway.http.handler import (
     service_of,
     unless_disconnected,
 )
+from gateway.http.schemas import KeepAlive
 
 
 class DocumentText(BaseModel):
@@ -39,16 +40,7 @@ class RerankBody(BaseModel):
     return_documents: bool = False
     # Qwen3-Reranker's task description ("Given a web search query, ..." unless given).
     instruction: str | None = None
-    keep_alive: float | str | None = None
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: float | str | None) -> float | str | None:
-        try:
-            parse_duration(v)
-        except ValueError:
-            raise ValueError("use seconds or a duration like '30s', '5m', '1h'") from None
-        return v
+    keep_alive: KeepAlive = None
 
     @property
     def texts(self) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from config.settings import Settings
@@ -15,7 +15,7 @@ from config.store import Store
 from gateway import errors
 from gateway.catalog.hub import DownloadProgress, Downloads
 from gateway.catalog.local import LocalModel, declared_pooling
-from gateway.catalog.names import Catalog
+from gateway.catalog.names import Catalog, Resolved
 from gateway.engine.pool import ModelPool
 from gateway.engine.request import (
     EmbeddingRequest,
@@ -111,16 +111,27 @@ class LocalBackend:
             gen.texts = [[] for _ in choices]
         return gen
 
-    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings:
-        """Resolve the name, check the limits, apply the profile's pooling and context cap,
-        and have the model's worker compute the vectors; the record takes the token count."""
+    def _resolve(
+        self,
+        request: EmbeddingRequest | RerankRequest,
+        record: RequestRecord,
+        check: Callable[[Any, Settings], None],
+    ) -> tuple[Resolved, dict[str, Any]]:
+        """The request in its record (with its content, when content is logged), checked
+        against the limits, and the model (and profile) it names."""
         record.model = request.model
         if self.settings.log_content and request.content is not None:
             record.prompt = content_of(request.content())
-        limits.check_embedding(request, self.settings)
+        check(request, self.settings)
         resolved = self.pool.resolve(request.model)
         profile = resolved.profile or {}
         record.resolved(resolved.model.id, profile.get("name"))
+        return resolved, profile
+
+    async def embed(self, request: EmbeddingRequest, record: RequestRecord) -> Embeddings:
+        """Resolve the name, check the limits, apply the profile's pooling and context cap,
+        and have the model's worker compute the vectors; the record takes the token count."""
+        resolved, profile = self._resolve(request, record, limits.check_embedding)
         _serves(resolved.model, "embedding")
         pooling = request.pooling or profile.get("pooling") or default_pooling(resolved.model)
         payload = request.payload(pooling, profile.get("context_length"))
@@ -131,13 +142,7 @@ class LocalBackend:
     async def rerank(self, request: RerankRequest, record: RequestRecord) -> Ranking:
         """Score documents for a query on a language model that reranks (a profile's
         `rerank`, or a model named as a reranker), through the pool like any request."""
-        record.model = request.model
-        if self.settings.log_content and request.content is not None:
-            record.prompt = content_of(request.content())
-        limits.check_rerank(request, self.settings)
-        resolved = self.pool.resolve(request.model)
-        profile = resolved.profile or {}
-        record.resolved(resolved.model.id, profile.get("name"))
+        resolved, profile = self._resolve(request, record, limits.check_rerank)
         _reranks(resolved.model, profile, request.model)
         payload = request.payload(profile.get("context_length"))
         result = await self.pool.embed(resolved, payload, request.keep_alive)
