@@ -53,7 +53,9 @@ class FakeHub:
                 Route("/api/models/{repo:path}/revision/{rev}", self.revision),
                 Route("/api/models/{repo:path}/tree/{rev}", self.tree),
                 Route("/api/models/{repo:path}", self.info),
-                Route("/{repo:path}/resolve/{rev}/{file}", self.resolve, methods=["GET", "HEAD"]),
+                Route(
+                    "/{repo:path}/resolve/{rev}/{file:path}", self.resolve, methods=["GET", "HEAD"]
+                ),
             ]
         )
         self.server = uvicorn.Server(

@@ -327,3 +327,41 @@ def test_console_shows_kinds_and_chats_only_with_chat_models(server: Server) -> 
     chat = httpx.get(server.url + "/console/chat/models", headers=headers)
     assert 'value="tiny-a"' in chat.text
     assert 'value="tiny-bert"' not in chat.text and 'value="tiny-cross"' not in chat.text
+
+
+def test_an_encoder_downloaded_from_the_hub(models: Models, tmp_path: Any) -> None:
+    """A sentence-transformers repo through the real download code (the fake hub): its
+    tokenizer, weights and 1_Pooling/config.json come, other formats' folders do not; it then
+    embeds with the pooling it declares ([CLS], as bge models)."""
+    from tests.fake_hub import FakeHub, Repo
+    from tests.server import start_server
+    from tests.test_mcp import call
+
+    folder = models.path("tiny-bert")
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["1_Pooling/config.json"] = b'{"pooling_mode_cls_token": true}'
+    files["modules.json"] = b"[]"
+    files["onnx/model.onnx"] = b"not needed"
+    files["README.md"] = b"# bge-like"
+    hub = FakeHub().start()
+    hub.add(Repo("BAAI/tiny-bge", files, tags=["sentence-transformers"]))
+    env = {
+        "MLX_MANAGER_MODEL_DIRS": str(tmp_path / "none"),
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "MLX_MANAGER_WARM_SPARE": "0",
+    }
+    server = start_server(tmp_path / "home", env)
+    try:
+        done = call(server.url + "/mcp", "download_model", model="BAAI/tiny-bge")
+        assert done["status"] == "done"
+        fetched = {r.split("/resolve/", 1)[1].split("/", 1)[1] for r in hub.requests if " /" in r}
+        assert {"1_Pooling/config.json", "modules.json", "model.safetensors"} <= fetched
+        assert "onnx/model.onnx" not in fetched and "README.md" not in fetched
+        by_default = embed(server, "hello world", model="BAAI/tiny-bge")[0]
+        cls = embed(server, "hello world", model="BAAI/tiny-bge", pooling="cls")[0]
+        assert np.array_equal(by_default, cls)
+    finally:
+        server.stop()
+        hub.stop()

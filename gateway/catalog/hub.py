@@ -41,13 +41,22 @@ NEEDED = {
     "chat_template.jinja",
     "chat_template.json",
     "model.safetensors.index.json",
+    # Encoders: WordPiece / SentencePiece vocabularies, and how sentence-transformers pools.
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
 }
 DownloadProgress = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def needed(name: str) -> bool:
-    """The files serving a model needs: config, tokenizer, weights, chat template."""
-    return "/" not in name and (name in NEEDED or name.endswith((".safetensors", ".tiktoken")))
+    """The files serving a model needs: config, tokenizer, weights, chat template (and an
+    encoder's pooling); not other formats' copies in subfolders (onnx/, openvino/)."""
+    weights = "/" not in name and name.endswith((".safetensors", ".tiktoken"))
+    return name in NEEDED or weights
 
 
 def endpoint() -> str:
