@@ -1,11 +1,12 @@
 """Embedding throughput benchmark (not a test): inputs/s and tokens/s at batch sizes 1, 8 and 64,
 through the gateway (openai SDK, POST /v1/embeddings, base64 as the SDK asks) against the same
 model called in-process (gateway/engine/embedder.py and encoder.py, the code the worker runs),
-in one run, on the ~16M-parameter random language model, the ~1M tiny one (where the gateway's
-own cost shows most) and a BERT encoder of MiniLM-L6's shape (6 layers of 384, ~22M parameters
-without its vocabulary; needs the `encoders` extra).
+in one run: the ~1M-parameter tiny language model and a small BERT encoder (4 layers of 128;
+needs the `encoders` extra), where the gateway's own cost shows most; with --large also the ~16M
+language model and a BERT of MiniLM-L6's shape (6 layers of 384). Linux's mlx[cpu] wheel uses a
+reference BLAS (~2.6 GFLOP/s here, flat in batch size), so the large ones take minutes.
 
-    .venv/bin/python bench/bench_embeddings.py [--seconds 5]
+    .venv/bin/python bench/bench_embeddings.py [--seconds 5] [--large]
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from gateway.catalog.builder import BENCH_SPEC, ModelSpec, build_model  # noqa: 
 from tests.encoder_model import build_encoder  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
-SPECS = {"tiny-1m": ModelSpec(), "bench-20m": BENCH_SPEC}
-ENCODER = "bert-minilm-shape"
-NAMES = (*SPECS, ENCODER)
+LANGUAGE = {"tiny-1m": ModelSpec(), "bench-20m": BENCH_SPEC}
+# name -> (hidden size, layers)
+ENCODERS = {"bert-small": (128, 4), "bert-minilm-shape": (384, 6)}
+SMALL = ("tiny-1m", "bert-small")
 BATCHES = (1, 8, 64)
 WORDS = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun".split()
 
@@ -44,7 +46,7 @@ def rate(call: Callable[[list[str]], int], batch: int, seconds: float) -> tuple[
     after one warm-up call."""
     call(texts(batch))
     start, inputs, tokens, round_ = time.perf_counter(), 0, 0, 0
-    while time.perf_counter() - start < seconds or round_ < 3:
+    while time.perf_counter() - start < seconds or round_ < 1:
         tokens += call(texts(batch, round_ * batch))
         inputs += batch
         round_ += 1
@@ -55,7 +57,7 @@ def rate(call: Callable[[list[str]], int], batch: int, seconds: float) -> tuple[
 def in_process(path: Path, seconds: float) -> dict[int, tuple[float, float]]:
     from gateway.engine import embedder, encoder
 
-    if path.name == ENCODER:
+    if path.name in ENCODERS:
         model, tok, _ = encoder.load(str(path))
 
         def call(inputs: list[str]) -> int:
@@ -89,15 +91,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "mlx-bench")
+    ap.add_argument("--large", action="store_true", help="also the ~20M-parameter models")
     args = ap.parse_args()
-    for name, spec in SPECS.items():
-        if not (args.models / name / "model.safetensors").exists():
-            print(f"building {name} in {args.models} ...", flush=True)
-            build_model(args.models / name, spec)
-    if not (args.models / ENCODER / "model.safetensors").exists():
-        build_encoder(args.models / ENCODER, "bert", "BertModel", seed=0, hidden=384, layers=6)
+    names = (*LANGUAGE, *ENCODERS) if args.large else SMALL
+    for name in names:
+        if (args.models / name / "model.safetensors").exists():
+            continue
+        print(f"building {name} in {args.models} ...", flush=True)
+        if name in LANGUAGE:
+            build_model(args.models / name, LANGUAGE[name])
+        else:
+            hidden, layers = ENCODERS[name]
+            build_encoder(args.models / name, "bert", "BertModel", 0, hidden=hidden, layers=layers)
 
-    baseline = {name: in_process(args.models / name, args.seconds) for name in NAMES}
+    baseline = {name: in_process(args.models / name, args.seconds) for name in names}
 
     import httpx
     import openai
@@ -108,13 +115,13 @@ def main() -> None:
         server = start_server(Path(home) / "home", {**env, "MLX_MANAGER_WARM_SPARE": "0"})
         try:
             client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=600)
-            for name in NAMES:
+            for name in names:
                 httpx.post(server.url + "/admin/load", json={"model": name}, timeout=600)
                 results[name] = through_gateway(client, name, args.seconds)
         finally:
             server.stop()
 
-    for name in NAMES:
+    for name in names:
         print(f"\n== {name} (mean pooling, 8-24 word inputs)")
         for b in BATCHES:
             (ia, ta), (ig, tg) = baseline[name][b], results[name][b]
