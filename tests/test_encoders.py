@@ -365,3 +365,15 @@ def test_an_encoder_downloaded_from_the_hub(models: Models, tmp_path: Any) -> No
     finally:
         server.stop()
         hub.stop()
+
+
+def test_batches_bound_tokens_and_padding() -> None:
+    from gateway.engine.embedder import batches
+
+    lengths = [30, 8, 9, 31, 10, 200, 12, 40]
+    groups = batches(lengths, budget=64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest, shortest = max(lengths[i] for i in g), min(lengths[i] for i in g)
+        assert len(g) == 1 or (len(g) * longest <= 64 and longest <= 1.25 * shortest + 4)
+    assert [5] in groups  # longer than the budget: alone

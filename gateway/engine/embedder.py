@@ -13,6 +13,7 @@ from typing import Any
 
 # Tokens in one forward pass (inputs x padded length): bounds the activations of a batch.
 BATCH_TOKENS = 4096
+PADDING = 1.25  # the longest input of a batch, at most this times its shortest (plus 4 tokens)
 
 
 class EmbedError(ValueError):
@@ -73,14 +74,18 @@ def check(i: int, tokens: list[int], limit: int, vocab_size: int) -> None:
 
 
 def batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
-    """Input indices grouped for forward passes: by length, so padding stays small, each
-    group within `budget` padded tokens (an input longer than that goes alone)."""
+    """Input indices grouped for forward passes: by length, each group within `budget` padded
+    tokens (an input longer than that goes alone), and a new group where an input is over a
+    quarter longer than its group's shortest, so padding stays under about a quarter of the
+    work (on this CPU a batch of 64 mixed lengths ran ~30% faster in 4 such groups than in one:
+    bench/bench_embeddings.py)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     group: list[int] = []
     for i in order:
         # Sorted by length: this input is the longest of the group so far.
-        if group and (len(group) + 1) * lengths[i] > budget:
+        full = (len(group) + 1) * lengths[i] > budget
+        if group and (full or lengths[i] > PADDING * lengths[group[0]] + 4):
             groups.append(group)
             group = []
         group.append(i)
