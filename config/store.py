@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-from sqlite_utils import Migrations
-
 from config.files import FILE_MODE, private_dir, private_file
+
+# sqlite-utils imports pandas (and pyarrow with it) when it is installed, only to store pandas
+# values, which nothing here has: that was about a second of every CLI command's and server's
+# start. It sees pandas as absent; anything that imports pandas later gets it as usual.
+_hide_pandas = "pandas" not in sys.modules
+if _hide_pandas:
+    sys.modules["pandas"] = None  # type: ignore[assignment]
+try:
+    import sqlite_utils
+    from sqlite_utils import Migrations
+finally:
+    if _hide_pandas:
+        del sys.modules["pandas"]
 
 migrations = Migrations("mlx_manager")
 

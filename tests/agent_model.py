@@ -7,12 +7,16 @@ thinking switch: `enable_thinking` false puts an empty think block after the gen
 prompt). mlx-lm infers
 the `json_tools` tool parser and the think markers from them, as it does for real models. The
 model is trained, with mlx, on each scenario's exact prompt (rendered by that template from the
-messages the tests send) until greedy decoding reproduces every answer.
+messages the tests send) until greedy decoding reproduces every answer. The trained weights are
+cached on disk (CACHE), keyed on everything the training reads, so later runs skip it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -110,7 +114,12 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [Message.model_validate(m).as_template_message() for m in messages]
 
 
-def build_agent_model(path: Path, max_steps: int = 1000) -> Path:
+# Trained weights are kept here between test runs, named by a hash of everything training
+# reads (this file, the untrained model folder, the token rows, the mlx versions).
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-manager-tests"
+
+
+def build_agent_model(path: Path, max_steps: int = 1000, cache: Path | None = CACHE) -> Path:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -137,6 +146,11 @@ def build_agent_model(path: Path, max_steps: int = 1000) -> Path:
     width = max(map(len, rows))
     tokens = mx.array([r + [0] * (width - len(r)) for r in rows])
     mask = mx.array([m + [0] * (width - len(m)) for m in masks], dtype=mx.float32)
+    weights_file = path / "model.safetensors"
+    cached = cache / f"agent-{_cache_key(path, rows, masks)}.safetensors" if cache else None
+    if cached is not None and cached.exists() and _load_checked(model, cached, tokens, mask):
+        weights_file.write_bytes(cached.read_bytes())
+        return path
 
     def loss_fn(model: Any) -> Any:
         logits = model(tokens[:, :-1])
@@ -156,9 +170,47 @@ def build_agent_model(path: Path, max_steps: int = 1000) -> Path:
             break
     else:
         raise RuntimeError(f"the agent model did not learn its answers (loss {loss.item():.4f})")
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(weights_file), dict(tree_flatten(model.parameters())))
     print(f"agent model: {i + 1} steps, {time.perf_counter() - started:.1f} s, {tokens.shape}")
+    if cached is not None:
+        _store(weights_file, cached)
     return path
+
+
+def _cache_key(path: Path, rows: list[list[int]], masks: list[list[int]]) -> str:
+    import mlx.core as mx
+    import mlx_lm
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"{mx.__version__} {mlx_lm.__version__}".encode())
+    for file in sorted(path.iterdir()):  # untrained weights, config, tokenizer, template
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    digest.update(json.dumps([rows, masks]).encode())
+    return digest.hexdigest()[:32]
+
+
+def _load_checked(model: Any, cached: Path, tokens: Any, mask: Any) -> bool:
+    """Cached weights, checked as training checks itself: a bad entry is retrained, not used."""
+    try:
+        model.load_weights(str(cached))
+    except Exception:  # noqa: BLE001 - unreadable or truncated: train instead
+        return False
+    return _all_greedy_right(model, tokens, mask)
+
+
+def _store(weights_file: Path, cached: Path) -> None:
+    """Copy into the cache atomically: a concurrent or interrupted run never sees half a file."""
+    tmp = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as out:
+            out.write(weights_file.read_bytes())
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only home only costs the next run its training
+        print(f"agent model: not cached ({e})")
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _all_greedy_right(model: Any, tokens: Any, mask: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,13 @@ def test_failed_path_spellings_leave_one_slot(models: Models, tmp_path: Path) ->
     spellings = [f"{broken.parent}{'/..' * (depth + i)}{broken}" for i in range(3)]
     spellings += variants(broken)
     with serving(models, tmp_path / "home") as server:
-        for name in spellings:
-            r = chat(server, name)
+        # The first makes the failed slot; the others, at once, find it (each load that fails
+        # costs a worker's start: one after the other they took seconds each).
+        first = chat(server, spellings[0])
+        assert first.status_code == 503, first.text
+        with ThreadPoolExecutor(len(spellings)) as pool:
+            answers = list(pool.map(lambda name: chat(server, name), spellings[1:]))
+        for name, r in zip(spellings[1:], answers, strict=True):
             assert r.status_code == 503, (name, r.text)
         # One failed slot, one metrics label: bounded by the real folders, not the spellings.
         assert [(w["model"], w["state"]) for w in server.workers()] == [("broken", "failed")]

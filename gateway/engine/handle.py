@@ -101,6 +101,16 @@ class WarmSpare:
         spare = self.process
         return {"pid": spare.popen.pid, "warm": spare.warm} if spare is not None else None
 
+    def close(self) -> None:
+        """No new spare, and the one left is killed: it holds no model, and one still importing
+        MLX would otherwise run on for seconds after the server has gone."""
+        self.closed = True
+        spare, self.process = self.process, None
+        if spare is not None:
+            spare.pipe.close()
+            spare.popen.kill()
+            spare.popen.wait()
+
 
 class ProcessWorkers:
     """The pool's default worker factory: each model in its own worker process, started from
@@ -115,9 +125,9 @@ class ProcessWorkers:
             self.spare.replenish()
 
     def close(self) -> None:
-        """No new spare once the server shuts down."""
+        """No spare once the server shuts down."""
         if self.spare is not None:
-            self.spare.closed = True
+            self.spare.close()
 
     def __call__(
         self,
