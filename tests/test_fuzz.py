@@ -1,7 +1,7 @@
-"""Fuzz the /v1 endpoints from the server's own /openapi.json (schemathesis generates valid and
-invalid requests from it): no 5xx, every error in its protocol's shape (OpenAI's, or
-Anthropic's under /v1/messages), no worker crash, and the
-server still answers afterwards.
+"""Fuzz the /v1 and Ollama's /api endpoints from the server's own /openapi.json (schemathesis
+generates valid and invalid requests from it): no 5xx, every error in its protocol's shape
+(OpenAI's, Anthropic's under /v1/messages, Ollama's under /api), every stream ended, no worker
+crash, and the server still answers afterwards.
 
 Half of the generated bodies name a real model, so valid requests reach a worker. The run is
 deterministic (hypothesis `derandomize`) so that CI is repeatable; set MLX_MANAGER_FUZZ_EXAMPLES
@@ -33,6 +33,10 @@ OPERATIONS = [
     ("/v1/messages/count_tokens", "POST"),
     ("/v1/models/{model_id}", "GET"),
     ("/v1/models", "GET"),
+    ("/api/chat", "POST"),
+    ("/api/generate", "POST"),
+    ("/api/embed", "POST"),
+    ("/api/show", "POST"),
 ]
 EXAMPLES = int(os.environ.get("MLX_MANAGER_FUZZ_EXAMPLES", "0"))
 
@@ -49,7 +53,9 @@ def fuzzed(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def _check(response: Any, case: Any) -> None:
     assert response.status_code < 500, "a server error"
-    if response.status_code >= 400:
+    if case.path.startswith("/api/"):
+        _check_ollama(response, case)
+    elif response.status_code >= 400:
         body = response.json()
         if case.path.startswith("/v1/messages"):
             assert body["type"] == "error", "not Anthropic's error shape"
@@ -64,6 +70,17 @@ def _check(response: Any, case: Any) -> None:
             assert ended, "a stream without an end"
         else:
             assert response.json()["choices"], "no choices"
+
+
+def _check_ollama(response: Any, case: Any) -> None:
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert isinstance(error, str) and error, "not Ollama's error shape"
+    elif "ndjson" in str(response.headers.get("content-type")):
+        lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+        assert lines and (lines[-1].get("done") or "error" in lines[-1]), "a stream without an end"
+    elif case.path in ("/api/chat", "/api/generate"):
+        assert response.json()["done"] is True, "an answer not done"
 
 
 def _describe(case: Any, response: Any) -> str:
@@ -84,6 +101,7 @@ def test_fuzz_v1(fuzzed: Server) -> None:
         )
     )
     seen: dict[int, int] = {}
+    ollama_ok: list[str] = []  # /api requests answered 200
     took: list[float] = []
     failures: list[str] = []
 
@@ -105,6 +123,8 @@ def test_fuzz_v1(fuzzed: Server) -> None:
         response = case.call(base_url=fuzzed.url, timeout=120)
         took.append(time.perf_counter() - started)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        if case.path.startswith("/api/") and response.status_code == 200:
+            ollama_ok.append(case.path)
         try:
             _check(response, case)
         except (AssertionError, ValueError, KeyError, TypeError) as e:
@@ -119,6 +139,7 @@ def test_fuzz_v1(fuzzed: Server) -> None:
     )
     assert not failures, f"{len(failures)} bad responses; the first:\n" + failures[0]
     assert seen.get(200, 0) >= 20, seen  # the fuzz reached the models, not only validation
+    assert {"/api/chat", "/api/generate", "/api/embed"} <= set(ollama_ok), ollama_ok
     assert sum(n for s, n in seen.items() if 400 <= s < 500) >= 20, seen
 
     # Nothing crashed, and the server still serves.

@@ -11,6 +11,13 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.http.embeddings import EmbeddingBody
 from gateway.http.messages_schema import CountTokensRequest, MessagesRequest
+from gateway.http.ollama_schema import (
+    ChatRequest,
+    EmbedBody,
+    EmbeddingsBody,
+    GenerateBody,
+    ModelBody,
+)
 from gateway.http.rerank import RerankBody
 from gateway.http.responses_schema import InputTokensRequest, ResponseCreate
 from gateway.http.schemas import ChatCompletionRequest, CompletionRequest
@@ -33,12 +40,40 @@ ERROR = {
 }
 
 
-def _responses(ok: str, errors: tuple[int, ...]) -> dict[str, Any]:
-    error = {"$ref": "#/components/schemas/Error"}
+# Ollama's API answers errors as {"error": "..."}.
+OLLAMA_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+
+def _responses(ok: str, errors: tuple[int, ...], shape: str = "Error") -> dict[str, Any]:
+    error = {"$ref": f"#/components/schemas/{shape}"}
     out: dict[str, Any] = {"200": {"description": ok, "content": _json({"type": "object"})}}
     for status in (*errors, 401):
-        out[str(status)] = {"description": "An error, in OpenAI's shape", "content": _json(error)}
+        out[str(status)] = {"description": f"An error ({shape})", "content": _json(error)}
     return out
+
+
+def _ollama(summary: str, schema: str | None = None) -> dict[str, Any]:
+    """An Ollama endpoint: POST with a body when it has a schema, else GET."""
+    if schema is None:
+        return {"get": {"summary": summary, "responses": _responses("OK", (), "OllamaError")}}
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": _json({"$ref": f"#/components/schemas/{schema}"}),
+            },
+            "responses": _responses(
+                "JSON, or NDJSON lines when streamed",
+                (400, 403, 404, 413, 415, 429, 503),
+                "OllamaError",
+            ),
+        }
+    }
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +108,11 @@ def openapi_document() -> dict[str, Any]:
             (InputTokensRequest, "validation"),
             (MessagesRequest, "validation"),
             (CountTokensRequest, "validation"),
+            (ChatRequest, "validation"),
+            (GenerateBody, "validation"),
+            (EmbedBody, "validation"),
+            (EmbeddingsBody, "validation"),
+            (ModelBody, "validation"),
         ],
         ref_template="#/components/schemas/{model}",
     )
@@ -85,7 +125,7 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "mlx-manager",
             "version": app_version,
-            "description": "OpenAI- and Anthropic-compatible API for local MLX models.",
+            "description": "OpenAI-, Anthropic- and Ollama-compatible API for local MLX models.",
         },
         "paths": {
             "/health": {"get": {"summary": "Liveness", "security": [], "responses": _ok()}},
@@ -125,9 +165,18 @@ def openapi_document() -> dict[str, Any]:
             "/v1/responses/{response_id}/input_items": {
                 "get": _stored("A stored response's input items (limit, order, after)")
             },
+            # Ollama's API, for apps that speak only it (errors: {"error": "..."}).
+            "/api/version": {"get": {**_ollama("Ollama API version")["get"], "security": []}},
+            "/api/tags": _ollama("Names, as Ollama lists models"),
+            "/api/ps": _ollama("Loaded models (Ollama)"),
+            "/api/show": _ollama("A model's details (Ollama)", "ModelBody"),
+            "/api/chat": _ollama("Chat (Ollama), NDJSON unless stream is false", "ChatRequest"),
+            "/api/generate": _ollama("Generate (Ollama)", "GenerateBody"),
+            "/api/embed": _ollama("Embeddings (Ollama)", "EmbedBody"),
+            "/api/embeddings": _ollama("One embedding (Ollama's older endpoint)", "EmbeddingsBody"),
         },
         "components": {
-            "schemas": {**defs["$defs"], "Error": ERROR},
+            "schemas": {**defs["$defs"], "Error": ERROR, "OllamaError": OLLAMA_ERROR},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
