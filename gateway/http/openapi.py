@@ -60,20 +60,15 @@ def _ollama(summary: str, schema: str | None = None) -> dict[str, Any]:
     """An Ollama endpoint: POST with a body when it has a schema, else GET."""
     if schema is None:
         return {"get": {"summary": summary, "responses": _responses("OK", (), "OllamaError")}}
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": _json({"$ref": f"#/components/schemas/{schema}"}),
-            },
-            "responses": _responses(
-                "JSON, or NDJSON lines when streamed",
-                (400, 403, 404, 413, 415, 429, 503),
-                "OllamaError",
-            ),
-        }
-    }
+    responses = _responses(
+        "JSON, or NDJSON lines when streamed", (400, 403, 404, 413, 415, 429, 503), "OllamaError"
+    )
+    return _post(summary, schema, responses)
+
+
+def _post(summary: str, schema: str, responses: dict[str, Any]) -> dict[str, Any]:
+    body = {"required": True, "content": _json({"$ref": f"#/components/schemas/{schema}"})}
+    return {"post": {"summary": summary, "requestBody": body, "responses": responses}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -81,19 +76,11 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _generation(summary: str, schema: str) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": _json({"$ref": f"#/components/schemas/{schema}"}),
-            },
-            "responses": _responses(
-                "The completion (JSON), or a stream of SSE chunks",
-                (400, 403, 404, 408, 413, 415, 429, 503, 507),
-            ),
-        }
-    }
+    responses = _responses(
+        "The completion (JSON), or a stream of SSE chunks",
+        (400, 403, 404, 408, 413, 415, 429, 503, 507),
+    )
+    return _post(summary, schema, responses)
 
 
 @cache
