@@ -20,6 +20,7 @@ from config.settings import Settings
 from gateway.errors import ServiceError
 from gateway.http import admin, embeddings, messages, ollama, rerank, responses, v1
 from gateway.http.errorshape import error_response
+from gateway.http.handler import ClientDisconnected
 from gateway.http.middleware import (
     OPEN_PATHS,
     AuthMiddleware,
@@ -29,6 +30,7 @@ from gateway.http.middleware import (
     RecordMiddleware,
 )
 from gateway.http.origins import host_policy
+from gateway.observe.requestlog import CANCELLED
 from gateway.service.keys import write_token_file
 from gateway.service.service import Service
 
@@ -50,6 +52,12 @@ async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     _note_error(request, exc.message)
     return error_response(request.url.path, exc, _request_id(request))
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    """The client went away before its answer (handler.unless_disconnected cancelled the
+    work): nginx's 499, which the request log records; nobody reads the body."""
+    return Response(status_code=CANCELLED)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -154,6 +162,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,
+            ClientDisconnected: _client_left,
             HTTPException: _http_error,
             Exception: _server_error,
         },

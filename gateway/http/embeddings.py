@@ -15,7 +15,6 @@ from config.settings import parse_duration
 from gateway.engine.request import EmbeddingRequest
 from gateway.fields import Tokens
 from gateway.http.handler import (
-    ClientDisconnected,
     parse_body,
     record_of,
     service_of,
@@ -112,10 +111,7 @@ class EmbeddingBody(BaseModel):
 async def create_embeddings(request: Request) -> Response:
     body = await parse_body(request, EmbeddingBody)
     work = service_of(request).embed(body.embedding_request(), record_of(request))
-    try:
-        result = await unless_disconnected(request, work)
-    except ClientDisconnected:
-        return Response(status_code=499)
+    result = await unless_disconnected(request, work)
     vectors: list[Any] = result.base64() if body.encoding_format == "base64" else result.floats()
     return JSONResponse(
         {

@@ -237,11 +237,8 @@ async def create(request: Request) -> Response:
     record = record_of(request)
     work = asyncio.ensure_future(service_of(request).generate(generate, record))
     if not body.stream:
-        try:
-            stream = await unless_disconnected(request, work)
-            await unless_disconnected(request, message.collect(stream))
-        except ClientDisconnected:
-            return Response(status_code=499)
+        stream = await unless_disconnected(request, work)
+        await unless_disconnected(request, message.collect(stream))
         return JSONResponse(message.whole(stream.usage))
 
     ping = request.app.state.settings.stream_ping_interval
@@ -300,10 +297,7 @@ async def _discard(work: asyncio.Future[Stream]) -> None:
 async def count_tokens(request: Request) -> Response:
     body = await parse_body(request, CountTokensRequest, _invalid)
     work = service_of(request).count_tokens(body.generate_request(), record_of(request))
-    try:
-        counted = await unless_disconnected(request, work)
-    except ClientDisconnected:
-        return Response(status_code=499)
+    counted = await unless_disconnected(request, work)
     return JSONResponse({"input_tokens": counted})
 
 

@@ -179,13 +179,10 @@ async def _generate(request: Request, body: ChatRequest | GenerateBody) -> Respo
     generate = body.generate_request()
     record = record_of(request)
     answer = _Answer(body.model, chat)
-    try:
-        stream = await unless_disconnected(request, service_of(request).generate(generate, record))
-        if body.stream:
-            return _lines(_stream(stream, answer, record))
-        (choice,) = await unless_disconnected(request, stream.collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
+    stream = await unless_disconnected(request, service_of(request).generate(generate, record))
+    if body.stream:
+        return _lines(_stream(stream, answer, record))
+    (choice,) = await unless_disconnected(request, stream.collect())
     calls = [_call(name, args) for _, name, args in choice.tool_calls]
     whole = answer.piece(choice.text, choice.reasoning or None, calls, done=True)
     return JSONResponse({**whole, **answer.ending(choice.finish_reason, stream.usage, record)})
@@ -525,8 +522,6 @@ async def embed(request: Request) -> Response:
         await service_of(request).load(body.embedding_request().model)
         return JSONResponse({"model": body.model, "embeddings": []})
     result = await _embeddings(request, body.embedding_request())
-    if isinstance(result, Response):
-        return result
     record = record_of(request)
     return JSONResponse(
         {
@@ -544,17 +539,12 @@ async def embeddings(request: Request) -> Response:
     if not body.prompt:  # as Ollama: an empty prompt has an empty embedding
         return JSONResponse({"embedding": []})
     result = await _embeddings(request, body.embedding_request())
-    if isinstance(result, Response):
-        return result
     return JSONResponse({"embedding": result.floats()[0]})
 
 
-async def _embeddings(request: Request, embedding: EmbeddingRequest) -> Embeddings | Response:
+async def _embeddings(request: Request, embedding: EmbeddingRequest) -> Embeddings:
     work = service_of(request).embed(embedding, record_of(request))
-    try:
-        return await unless_disconnected(request, work)
-    except ClientDisconnected:
-        return Response(status_code=499)
+    return await unless_disconnected(request, work)
 
 
 ROUTES = [

@@ -15,7 +15,6 @@ from starlette.routing import Route
 from config.settings import parse_duration
 from gateway.engine.request import RerankRequest
 from gateway.http.handler import (
-    ClientDisconnected,
     parse_body,
     record_of,
     service_of,
@@ -60,10 +59,7 @@ class RerankBody(BaseModel):
 async def rerank(request: Request) -> Response:
     body = await parse_body(request, RerankBody)
     work = service_of(request).rerank(body.rerank_request(), record_of(request))
-    try:
-        ranking = await unless_disconnected(request, work)
-    except ClientDisconnected:
-        return Response(status_code=499)
+    ranking = await unless_disconnected(request, work)
     order = sorted(range(len(ranking.scores)), key=lambda i: -ranking.scores[i])
     texts = body.texts
     results: list[dict[str, Any]] = []

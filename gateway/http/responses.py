@@ -25,7 +25,6 @@ from gateway.engine.protocol import Finished, Output, Reasoning, Text, ToolCallA
 from gateway.errors import InvalidRequest, ServiceError
 from gateway.http.handler import (
     SSE_PING_SECONDS,
-    ClientDisconnected,
     parse_body,
     record_of,
     service_of,
@@ -254,15 +253,12 @@ async def create(request: Request) -> Response:
     generate = body.generate_request(history)
     items = [*history, *body.items()]  # what this response's prompt was, as it is stored
     response = _Response(body)
-    try:
-        stream = await unless_disconnected(request, service.generate(generate, record_of(request)))
-        if body.stream:
-            events = _events(service, stream, body, response, items, key)
-            return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n")
-        output = _Output()
-        await unless_disconnected(request, _consume(stream, output))
-    except ClientDisconnected:
-        return Response(status_code=499)
+    stream = await unless_disconnected(request, service.generate(generate, record_of(request)))
+    if body.stream:
+        events = _events(service, stream, body, response, items, key)
+        return EventSourceResponse(events, ping=SSE_PING_SECONDS, sep="\n")
+    output = _Output()
+    await unless_disconnected(request, _consume(stream, output))
     finished = response.finished(output, stream.usage)
     if body.store:
         await service.save_response(finished, items, key)
@@ -323,10 +319,7 @@ async def input_tokens(request: Request) -> Response:
     if body.model is None:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
     counting = service.count_tokens(body.generate_request(history), record_of(request))
-    try:
-        count = await unless_disconnected(request, counting)
-    except ClientDisconnected:
-        return Response(status_code=499)
+    count = await unless_disconnected(request, counting)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
 

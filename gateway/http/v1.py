@@ -19,7 +19,6 @@ from gateway.engine.request import Choice
 from gateway.errors import ServiceError
 from gateway.http.handler import (
     SSE_PING_SECONDS,
-    ClientDisconnected,
     parse_body,
     record_of,
     service_of,
@@ -226,17 +225,14 @@ class _Endpoint:
         meta = _Meta(self.prefix, body.model)
         generate = body.generate_request()
         work = service_of(request).generate(generate, record_of(request))
-        try:
-            stream = await unless_disconnected(request, work)
-            if body.stream:
-                return EventSourceResponse(
-                    self._stream(stream, meta, len(generate.choices), body.include_usage),
-                    ping=SSE_PING_SECONDS,
-                    sep="\n",
-                )
-            choices = await unless_disconnected(request, stream.collect())
-        except ClientDisconnected:
-            return Response(status_code=499)
+        stream = await unless_disconnected(request, work)
+        if body.stream:
+            return EventSourceResponse(
+                self._stream(stream, meta, len(generate.choices), body.include_usage),
+                ping=SSE_PING_SECONDS,
+                sep="\n",
+            )
+        choices = await unless_disconnected(request, stream.collect())
         return JSONResponse(
             {
                 **meta.head(self.obj),
